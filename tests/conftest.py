@@ -1,0 +1,20 @@
+"""Shared pytest set-up: offline, one torch thread per test process, the repository root."""
+import os
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# No Hub access at run time, ever; tests build tiny models from configs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest workers on two cores: one intra-op thread each avoids oversubscription.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
