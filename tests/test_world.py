@@ -233,15 +233,25 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _sleepers(arg: str) -> list[int]:
+    hits = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit(): continue
+        try:
+            if Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", arg.encode()] and _alive(int(d)): hits.append(int(d))
+        except OSError: pass
+    return hits
+
+
 def test_timeout_kills_the_process_group(tmp_path):
+    arg = f"{100 + random.random():.6f}"               # a unique `sleep` argument: the background child, seen from the host
     t0 = time.monotonic()
-    r = execute(["sh", "-c", "sleep 100 & echo $! > bg.pid; sleep 100"], workspace=tmp_path, timeout=1.0)
+    r = execute(["sh", "-c", f"sleep {arg} & sleep 100"], workspace=tmp_path, timeout=1.0)
     assert r.timed_out and r.killed_reason == "timeout" and time.monotonic() - t0 < 3
-    pid = int((tmp_path/"bg.pid").read_text())
     for _ in range(50):
-        if not _alive(pid): break
+        if not _sleepers(arg): break
         time.sleep(0.05)
-    assert not _alive(pid)
+    assert not _sleepers(arg)
 
 
 def test_sandbox_limits():

@@ -1,0 +1,140 @@
+"Tree-structured trajectory training (kat_nb.tree): exactness against unpacked training, packing, errors, trainer seam."
+import math, tempfile
+
+import pytest
+import torch
+
+from kat_nb.tree import (ByteTokenizer, TreeCollator, bench_tree, bpe_tokenizer, branching_traces, build_trees, check_trees,
+                         collate_tree_rows, compare_grads, node_entropy, pack_rows, prune_tree, random_branches, render_pieces,
+                         split_trace, split_tree, tiny_qwen3, tokenize_messages, tokenizer_fingerprint, tree_dataset, tree_sft_args,
+                         tree_stats, tree_trainer, trees_from_traces)
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request):
+    return tiny_qwen3(attn_implementation=request.param, seed=1)
+
+
+def _exact(model, seqs, **kw):
+    r = compare_grads(model, seqs, **kw)
+    assert r["loss_rel_err"] < TOL and r["max_grad_rel_err"] < TOL, r
+    return r
+
+
+@pytest.mark.parametrize("seed,n,prefix,depth,seg,masked", [
+    (0, 4, 8, 2, 4, False), (1, 6, 1, 3, 3, True), (2, 3, 20, 1, 6, False),
+    (3, 8, 4, 4, 2, True), (4, 5, 12, 2, 8, False), (5, 2, 0 + 1, 1, 1, False)])
+def test_random_trees_exact(model, seed, n, prefix, depth, seg, masked):
+    seqs = random_branches(seed, n_branches=n, prefix=prefix, depth=depth, seg=seg, masked=masked)
+    _exact(model, seqs)
+    _exact(model, seqs, normalize="token")
+
+
+@pytest.mark.parametrize("name,seqs", [
+    ("single branch", [[3, 4, 5, 6, 7]]),
+    ("identical branches", [[3, 4, 5, 6, 7]] * 3),
+    ("branch at the first token", [[3, 4, 5], [4, 4, 5], [5, 6]]),
+    ("prefix of another", [[3, 4, 5], [3, 4, 5, 6, 7], [3, 4]]),
+    ("deep chain", [list(range(1, 63))]),
+    ("weighted and masked", [{"input_ids": [3, 4, 5, 6], "weight": 2.0, "loss_mask": [1, 1, 0, 1]},
+                             {"input_ids": [3, 4, 7, 8], "loss_mask": [0, 0, 1, 1]}]),
+])
+def test_corner_cases_exact(model, name, seqs):
+    _exact(model, seqs)
+
+
+def test_split_trees_exact_across_rows(model):
+    seqs = random_branches(7, n_branches=8, prefix=10, depth=3, seg=5)
+    r = _exact(model, seqs, max_tokens=32)
+    assert r["rows"] > 1
+
+
+def test_real_traces_exact_with_masks(model):
+    g = branching_traces(1, source="synthetic", tools=False)[0]
+    bt = ByteTokenizer()
+    big = tiny_qwen3(vocab_size=256, attn_implementation=model.config._attn_implementation)
+    seqs = [tokenize_messages(s["messages"], bt, s["context"]) for r in g["routes"].values() for s in split_trace(r)]
+    _exact(big, seqs, max_tokens=2048)
+
+
+def test_pack_invariants():
+    seqs = random_branches(11, n_branches=7, prefix=9, depth=2, seg=5, masked=True)
+    trees = build_trees(seqs)
+    d = max(t.max_depth for t in trees)
+    for budget in (d, d + 7, 10**6):
+        rows = pack_rows(trees, budget)
+        assert all(len(r["input_ids"]) <= budget for r in rows)
+        w = sum(sum(r["pair_w_tok"]) for r in rows)
+        assert math.isclose(w, sum(sum(s["loss_mask"][1:]) for s in seqs))        # every loss term once
+        assert math.isclose(sum(sum(r["pair_w_seq"]) for r in rows), sum(1 for s in seqs if sum(s["loss_mask"][1:])))
+        assert tree_stats(rows)["tokens_flat"] == sum(len(s["input_ids"]) for s in seqs)
+        for r in rows:                                     # every token attends within its own span
+            assert all(i < e <= len(r["input_ids"]) for i, e in enumerate(r["subtree_end"]))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="trajectory 1 is empty"): build_trees([[1, 2], []])
+    with pytest.raises(ValueError, match="no trajectories"): build_trees([])
+    deep = build_trees([list(range(1, 40))])[0]
+    with pytest.raises(ValueError, match="root-to-leaf path of the tree has 39 tokens"): split_tree(deep, 16)
+    with pytest.raises(ValueError, match="root-to-leaf"): pack_rows([deep], 16)
+    tr = build_trees([[1, 200]], tokenizer="a:1")
+    with pytest.raises(ValueError, match="outside the model's vocabulary"): check_trees(tr, tiny_qwen3(vocab_size=64))
+    with pytest.raises(ValueError, match="re-tokenize"): check_trees(tr, tokenizer=ByteTokenizer())
+    with pytest.raises(ValueError, match="normalize"): collate_tree_rows(pack_rows(tr, 8), normalize="mean")
+
+
+def test_stats_and_traces():
+    groups = branching_traces(2, source="auto")
+    trees = trees_from_traces(groups, ByteTokenizer())
+    st = tree_stats(trees)
+    assert st["tokens_flat"] > st["tokens_tree"] and st["ideal_ratio"] > 1.5
+    assert {t.tokenizer for t in trees} == {tokenizer_fingerprint(ByteTokenizer())}
+    kinds = set(k for t in trees for k in t.kind)
+    assert {"system", "user", "assistant", "tool_call", "tool", "memory"} <= kinds
+
+
+def test_prune_keeps_tool_nodes():
+    bt = ByteTokenizer()
+    g = branching_traces(1, source="synthetic", tools=False)[0]
+    tree = trees_from_traces([g], bt)[0]
+    ent = node_entropy(tiny_qwen3(vocab_size=256), tree, max_tokens=4096)
+    assert len(ent) == len(tree.tokens) and all(e >= 0 for e in ent)
+    # every route ends in a tool result, so the default rule (tool nodes + ancestors) keeps the whole tree
+    forced = {a for i, k in enumerate(tree.kind) if k in ("tool_call", "tool", "memory") for a in tree.ancestors(i) + [i]}
+    assert len(forced) == len(tree.tokens)
+    with pytest.raises(ValueError, match="always kept"): prune_tree(tree, tree.n_tokens - 1, ent)
+    budget = tree.n_tokens // 2
+    small, info = prune_tree(tree, budget, ent, keep_kinds=("memory",))
+    assert small.n_tokens <= budget and info["dropped"] > 0 and "memory" in small.kind
+    assert all(p < i for i, p in enumerate(small.parent))          # ancestor-closed, parents first
+
+
+def test_sft_trainer_seam():
+    from trl import SFTTrainer
+    from transformers.trainer_callback import PrinterCallback
+    groups = branching_traces(1, source="synthetic", tools=False)
+    tok = bpe_tokenizer((t for g in groups for r in g["routes"].values() for m in r if m["role"] != "event"
+                         for t, _, _ in render_pieces(m)), 400)
+    trees = trees_from_traces(groups, tok)
+    model = tiny_qwen3(vocab_size=len(tok))
+    check_trees(trees, model, tok)
+    ds = tree_dataset(trees, 1024)
+    tr = tree_trainer(SFTTrainer)(model=model, args=tree_sft_args(tempfile.mkdtemp(), max_steps=2), train_dataset=ds,
+                                  eval_dataset=ds, data_collator=TreeCollator(tok.pad_token_id), processing_class=tok)
+    tr.remove_callback(PrinterCallback)
+    tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert logs and logs[0]["tree_ideal_ratio"] > 1
+    assert math.isfinite(tr.evaluate()["eval_loss"])
+
+
+def test_bench_smoke():
+    rows = bench_tree(quick=True, n_groups=1, max_tokens=2048)
+    s = rows[-1]
+    for k in ("ideal_ratio", "speedup", "max_grad_rel_err", "tokens_flat", "tokens_tree", "peak_mem_mb_flat",
+              "peak_mem_mb_tree", "efficiency"):
+        assert k in s
+    assert s["max_grad_rel_err"] < TOL and s["tokens_flat"] > s["tokens_tree"]
