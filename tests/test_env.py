@@ -1,0 +1,41 @@
+"""The environment and evaluation end to end: the teacher through the real environment on held-out tasks,
+rollout records in the teacher's schema, bad input reported with file and line."""
+import json
+import pytest
+from kat_nb.core import DataFileError, read_jsonl, write_jsonl
+from kat_nb.env import TeacherPolicy, run_episodes, summarize
+from kat_nb.world import make_world, teacher_trajectory
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(0, n_train=10, n_valid=5, n_test=100)
+
+
+def test_teacher_resolves_held_out_tasks_through_the_environment(world):
+    recs = run_episodes(world["test"], TeacherPolicy())
+    m = summarize(recs)
+    assert m["tasks"] == 100 and m["env_errors"] == 0
+    assert m["resolve_rate"] >= 0.95, m
+    assert m["bug_kind/wrong_variable/resolve_rate"] >= 0.95, m      # the held-out kind too
+    assert m["tool_error_rate"] == 0.0
+
+
+def test_rollout_records_have_the_teacher_schema(world):
+    task = world["test"][0]
+    rollout = run_episodes([task], TeacherPolicy())[0]
+    teacher = teacher_trajectory(task)
+    assert set(teacher) <= set(rollout)
+    assert [m["role"] for m in rollout["messages"]] == [m["role"] for m in teacher["messages"]]
+    assert [s["status"] for s in rollout["steps"]] == [s["status"] for s in teacher["steps"]]
+    assert all(rollout["messages"][s["message_index"]]["role"] == "assistant" for s in rollout["steps"])
+
+
+def test_broken_trajectory_file_names_file_and_line(tmp_path, world):
+    path = tmp_path/"trajectories.jsonl"
+    write_jsonl(path, [teacher_trajectory(t) for t in world["train"][:3]])
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]              # a line cut in half, as by a killed writer
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=rf"{path}:2: malformed JSON"):
+        list(read_jsonl(path))
