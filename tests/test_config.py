@@ -3,7 +3,7 @@ import json
 import importlib.util
 from pathlib import Path
 import pytest, yaml
-from kat_nb.config import ParamsError, load_params, stage_parameters, STAGES
+from kat_nb.config import MATRIX, ParamsError, load_params, stage_parameters, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT/"configs"/"profiles").glob("*.yaml"))
@@ -13,7 +13,9 @@ PROFILES = sorted(p.stem for p in (ROOT/"configs"/"profiles").glob("*.yaml"))
 def test_profile_validates(profile):
     p = load_params(profile=profile, root=ROOT)
     assert p.base.profile == profile
-    for s in STAGES: assert stage_parameters(s, p)["profile"] == profile
+    for s in STAGES:
+        cell = {k: "x" for k in MATRIX.get(s, ())}
+        assert stage_parameters(s, p, cell=cell)["profile"] == profile
 
 
 def test_gpu_profile_is_complete():
