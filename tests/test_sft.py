@@ -1,0 +1,106 @@
+"SFT data balancing and training: label coverage, marginals, determinism, repeat cap, assistant-only mask, resume."
+import random
+import numpy as np
+import pytest
+from kat_nb.data import GRID, balance, coverage, encode_labels, sft_mixture, load_sft_rows
+from kat_nb.world import AXES, ARCHETYPES, DEV_CONTEXTS, LANGUAGES, grid_rows, skewed_weights, text_task, exec_task
+
+
+def test_grid_labels_cover_the_whole_grid():
+    rows = grid_rows(3000, seed=0, executable=False)           # uniform draw: every language, context, archetype appears
+    for a, cats in GRID.items(): assert {r[a] for r in rows} == set(cats), a
+    for l in LANGUAGES:
+        for arch in ARCHETYPES:
+            m = text_task(l, DEV_CONTEXTS[0], arch, random.Random(0))
+            assert m[-1]["role"] == "assistant" and m[-1]["content"].strip()
+
+
+def test_exec_tasks_pass_their_tests():
+    for arch in ("feature implementation", "test case generation", "configuration and deployment"):
+        r = exec_task(arch, random.Random(1))
+        assert r is not None and r["messages"][-1]["content"] == "Submitted.", arch
+
+
+def _skewed(n=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(24, n, p=np.r_[0.5, np.full(23, 0.5 / 23)]), rng.choice(10, n, p=np.r_[0.4, np.full(9, 0.6 / 9)]),
+                     rng.choice(10, n, p=np.r_[0.6, np.full(9, 0.4 / 9)])], 1)
+
+
+def test_marginals_match_uniform_targets():
+    codes = _skewed()
+    idx, rep = balance(codes, (24, 10, 10), 8000, max_repeat=4, seed=0)
+    assert len(idx) == 8000 and rep["max_marginal_error"] < 0.005
+    for j, k in enumerate((24, 10, 10)):
+        np.testing.assert_allclose(np.bincount(codes[idx, j], minlength=k) / 8000, 1 / k, atol=0.005)
+    before, after = coverage(codes, (24, 10, 10)), coverage(codes[idx], (24, 10, 10))
+    assert after["language"]["entropy_bits"] > before["language"]["entropy_bits"]
+
+
+def test_given_targets_and_missing_categories():
+    codes = _skewed()
+    t = [np.r_[3.0, np.ones(23)], None, None]
+    idx, _ = balance(codes, (24, 10, 10), 5000, t, max_repeat=4, seed=0)
+    assert abs(np.mean(codes[idx, 0] == 0) - 3 / 26) < 0.005
+    few = codes[codes[:, 0] != 5]                                   # language 5 absent: its share goes to the others
+    idx, rep = balance(few, (24, 10, 10), 5000, seed=0)
+    assert rep["missing"] == {0: [5]} and abs(np.mean(few[idx, 0] == 0) - 1 / 23) < 0.005
+
+
+def test_determinism_and_repeat_cap():
+    codes = _skewed(3000)
+    a, _ = balance(codes, (24, 10, 10), 6000, max_repeat=3, seed=7)
+    b, _ = balance(codes, (24, 10, 10), 6000, max_repeat=3, seed=7)
+    c, _ = balance(codes, (24, 10, 10), 6000, max_repeat=3, seed=8)
+    assert (a == b).all() and not (a == c).all()
+    assert np.bincount(a).max() <= 3
+    small, _ = balance(codes[:100], (24, 10, 10), 10_000, max_repeat=2)
+    assert len(small) == 200 and np.bincount(small).max() == 2       # the cap bounds the mixture size
+
+
+def test_labelled_hf_rows_and_mixture():
+    rows = load_sft_rows({"path": "data/fixtures/sft_labelled.jsonl"})
+    assert [r["language"] for r in rows] == ["Rust", "SQL", "Shell"]
+    mix, rep = sft_mixture(rows + grid_rows(200, 0, skewed_weights, executable=False), 150, seed=0)
+    assert len(mix) == 150 and set(AXES) <= set(mix[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    from kat_nb.model import build_model, render_chat, train_tokenizer
+    from kat_nb.world import make_world, teacher_trajectory
+    w = make_world(0, 6, 1, 1)
+    rows = [teacher_trajectory(t) for t in w["train"]] + grid_rows(12, 0, executable=False)
+    tok = train_tokenizer([render_chat(r["messages"], r.get("tools") or None) for r in rows] * 2, vocab_size=500)
+    cfg = dict(source="config", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+               intermediate_size=64, max_position_embeddings=4096, attn_implementation="sdpa")
+    d = tmp_path_factory.mktemp("sft")
+    build_model(cfg, tok).save_pretrained(d/"init"); tok.save_pretrained(d/"init")
+    return rows, tok, d
+
+
+def test_assistant_only_mask(tiny_sft):
+    from kat_nb.sft import sft_dataset
+    from kat_nb.train import PackedCollator
+    rows, tok, _ = tiny_sft
+    ds = sft_dataset(rows, tok, 4096)
+    b = PackedCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+    ids, lab = b["input_ids"], b["labels"]
+    trained = set(ids[lab != -100].tolist())
+    for special in ("<tool_response>", "</tool_response>", "<|im_start|>"):
+        assert tok.convert_tokens_to_ids(special) not in trained, special   # observations and turn headers: no loss
+    user = rows[0]["messages"][1]["content"]
+    text = tok.decode(ids[0][lab[0] != -100].tolist())
+    assert user not in text and "Plan:" in text and "<tool_call>" in text
+
+
+def test_resume(tiny_sft):
+    from kat_nb.sft import run_sft
+    rows, tok, d = tiny_sft
+    P = dict(max_steps=4, learning_rate=3e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, global_batch_size=2,
+             per_device_batch_size=2, seq_len=4096, packing=True, eval_steps=2, save_steps=2, logging_steps=2, save_total_limit=3,
+             eval_samples=2, deepspeed=None, use_cpu=True, bf16=False)
+    m1 = run_sft(rows, rows[:2], d/"init", {**P, "max_steps": 2}, d/"out", d/"live", echo=None)
+    m2 = run_sft(rows, rows[:2], d/"init", P, d/"out", d/"live", echo=None)
+    assert m1["train_steps"] == 2 and m2["train_steps"] == 4 and m2["resumed_from"].endswith("checkpoint-2")
+    assert m2["val_loss_start"] == pytest.approx(m1["val_loss_start"])
