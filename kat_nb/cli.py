@@ -24,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a matrix cell key of a matrix stage, e.g. --cell checkpoint=sft --cell suite=world")
     sub.add_parser("strip", help="write stripped copies of the stage notebooks (build/stripped/)")
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb")
+    sub.add_parser("proc-nbs", help="process the notebooks for the docs site into _proc/ (nbdev, without its Quarto auto-install)")
     s = sub.add_parser("params", help="print the resolved, validated parameters")
     s.add_argument("--profile", default=None); s.add_argument("--params", default="params.yaml")
     # everything after `sandbox` goes to the sandbox's own parser untouched (prefix_chars: argparse must not eat `--`)
@@ -49,6 +50,9 @@ def main(argv:list[str]|None=None) -> int:
                       cell=dict(c.split("=", 1) for c in args.cell) or None)
         elif args.cmd == "strip":
             for p in strip_all(): print(p)
+        elif args.cmd == "proc-nbs":
+            from kat_nb.docs import proc_nbs
+            print(proc_nbs())
         elif args.cmd == "readme":
             from kat_nb.docs import write_readme
             print(write_readme())

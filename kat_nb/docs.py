@@ -9,7 +9,7 @@ import nbformat
 from .core import repo_root
 
 # %% auto #0
-__all__ = ['README_HEADER', 'render_readme', 'write_readme']
+__all__ = ['README_HEADER', 'render_readme', 'write_readme', 'proc_nbs']
 
 # %% ../nbs/lib/09_docs.ipynb #c23d7a72
 README_HEADER = "<!-- Generated from nbs/index.ipynb by `kat-nb readme` (make readme): edit the notebook, not this file. -->\n\n"
@@ -35,3 +35,18 @@ def write_readme(root:Path|None=None) -> Path:
     out = root/"README.md"
     out.write_text(render_readme(root/"nbs"/"index.ipynb"))
     return out
+
+# %% ../nbs/lib/09_docs.ipynb #a08d2468
+def proc_nbs(root:Path|None=None) -> Path:
+    "nbdev's notebook processing for the docs (`_proc/`), without its Quarto auto-install."
+    import os
+    from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
+    from nbdev.serve import proc_nbs as _proc
+    import nbdev.doclinks
+    root = root or repo_root()
+    cwd = os.getcwd(); os.chdir(root)
+    try:
+        refresh_quarto_yml(); nbdev.doclinks._build_modidx(); nbdev_sidebar.__wrapped__(path=root/"nbs")
+        _proc(root/"nbs")
+    finally: os.chdir(cwd)
+    return root/"_proc"
