@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from .core import from_root, set_seed
-from .train import PackedCollator, _deepspeed_without_jit, _live_callback, last_checkpoint, midtrain_args, trim_live, world_size
+from .train import PackedCollator, _deepspeed_without_jit, _live_callback, last_checkpoint, midtrain_args, train_and_save, trim_live, world_size
 
 # %% auto #0
 __all__ = ['sft_tokenize', 'sft_dataset', 'sft_tree_dataset', 'run_sft', 'bench_sft_rows', 'bench_sft']
@@ -93,30 +93,11 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
                       data_collator=collator, callbacks=[_live_callback(live, say, start_file)])
     trainer.remove_callback(PrinterCallback)
-    tokens_before = json.loads((resume[0]/"trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
     loss_tokens = sum(sum(t != -100 for t in r) for r in train_ds["labels"]) if "labels" in train_ds.column_names else None
     say(f"sft: {len(train_rows)} samples -> {len(train_ds)} rows x {seq_len} tokens (packing={packing}, tree={bool(params.get('tree_packing'))}), "
         f"{params['max_steps']} steps, global batch {params['global_batch_size']}")
-    out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-    at_start = [h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
-    val_start = at_start[0] if at_start else json.loads(start_file.read_text())["val_loss_start"] if start_file.exists() else None
-    val_end = trainer.evaluate()["eval_loss"]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {"val_loss_start": val_start, "val_loss_end": val_end, "train_steps": trainer.state.global_step, "train_tokens": tokens,
-               "train_rows": len(train_ds), "samples": len(train_rows), "loss_tokens_per_epoch": loss_tokens,
-               "epochs": round(trainer.state.epoch or 0, 3), "tokens_per_s": (tokens - tokens_before) / out.metrics["train_runtime"],
-               "seconds": round(out.metrics["train_runtime"], 1), "resumed_from": str(resume[0]) if resume else None}
-    model.config.use_cache = True
-    trainer.save_model(str(out_dir))
-    if main:
-        tok.save_pretrained(str(out_dir))
-        if live is not None:
-            if not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in trainer.state.log_history):
-                live.step = trainer.state.global_step; live.log_metric("eval/loss", val_end)
-            for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens"): live.summary[k] = metrics[k]
-            live.end()
-    say(f"val loss {val_start} -> {val_end:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s")
-    return metrics
+    metrics = train_and_save(trainer, tok, out_dir, live, resume, start_file, main, say)
+    return {**metrics, "train_rows": len(train_ds), "samples": len(train_rows), "loss_tokens_per_epoch": loss_tokens}
 
 # %% ../nbs/lib/13_sft.ipynb #fb7a6791
 def bench_sft_rows(rows:list[dict], tokenizer, model_cfg:dict, seq_len:int=1024, batch_size:int=8, seed:int=0) -> list[dict]:

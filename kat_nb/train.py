@@ -14,7 +14,7 @@ from .model import build_model, load_tokenizer, row_text, train_tokenizer, _dtyp
 
 # %% auto #0
 __all__ = ['grad_accum_steps', 'world_size', 'with_eos', 'lm_dataset', 'PackedCollator', 'last_checkpoint', 'trim_live',
-           'midtrain_args', 'tree_rows', 'run_midtrain', 'bench_midtrain', 'bench_midtrain_mixture']
+           'midtrain_args', 'tree_rows', 'train_and_save', 'run_midtrain', 'bench_midtrain', 'bench_midtrain_mixture']
 
 # %% ../nbs/lib/06_train.ipynb #4d937966
 def grad_accum_steps(global_batch_size:int, per_device_batch_size:int, world_size:int=1) -> int:
@@ -156,6 +156,31 @@ def tree_rows(rows:list[dict], tokenizer, model, seq_len:int):
     check_trees(trees, model, tokenizer)
     return tree_dataset(trees, seq_len)
 
+# %% ../nbs/lib/06_train.ipynb #eca05128
+def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Path, main:bool, say:Callable) -> dict:
+    "Train (resuming from `resume`), measure the validation loss at the start and end, save model + tokenizer, close DVCLive."
+    tokens_before = json.loads((resume[0]/"trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
+    out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    at_start = [h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
+    val_start = at_start[0] if at_start else json.loads(start_file.read_text())["val_loss_start"] if start_file.exists() else None
+    val_end = trainer.evaluate()["eval_loss"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {"val_loss_start": val_start, "val_loss_end": val_end, "train_steps": trainer.state.global_step,
+               "train_tokens": tokens, "tokens_per_s": (tokens - tokens_before) / out.metrics["train_runtime"],
+               "seconds": round(out.metrics["train_runtime"], 1), "epochs": round(trainer.state.epoch or 0, 3),
+               "resumed_from": str(resume[0]) if resume else None}
+    trainer.model.config.use_cache = True     # generation after training wants the KV cache
+    trainer.save_model(str(out_dir))
+    if main:
+        tokenizer.save_pretrained(str(out_dir))
+        if live is not None:
+            if not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in trainer.state.log_history):
+                live.step = trainer.state.global_step; live.log_metric("eval/loss", val_end)
+            for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens"): live.summary[k] = metrics[k]
+            live.end()
+    say(f"val loss {val_start} -> {val_end:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s")
+    return metrics
+
 # %% ../nbs/lib/06_train.ipynb #b091c5df
 def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", "tools"})
                  valid_rows:list[dict], # held-out rows for the validation loss (first `eval_samples` packed rows)
@@ -207,31 +232,10 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
                       data_collator=collator, callbacks=[curves])
     trainer.remove_callback(PrinterCallback)  # our callback prints one short line per log instead of the log dict
-    tokens_before = 0
-    if resume:
-        tokens_before = json.loads((resume[0]/"trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
     say(f"midtrain: {len(train_ds)} rows x {seq_len} tokens (packing={packing}), {params['max_steps']} steps, "
         f"global batch {params['global_batch_size']} = {params['per_device_batch_size']} x {args.gradient_accumulation_steps} "
         f"accum x {world_size()} processes")
-    out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-    at_start = [h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
-    val_start = at_start[0] if at_start else json.loads(start_file.read_text())["val_loss_start"] if start_file.exists() else None
-    val_end = trainer.evaluate()["eval_loss"]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {"val_loss_start": val_start, "val_loss_end": val_end, "train_steps": trainer.state.global_step,
-               "train_tokens": tokens, "tokens_per_s": (tokens - tokens_before) / out.metrics["train_runtime"],
-               "resumed_from": str(resume[0]) if resume else None}
-    model.config.use_cache = True             # generation after training wants the KV cache
-    trainer.save_model(str(out_dir))
-    if main:
-        tok.save_pretrained(str(out_dir))
-        if live is not None:
-            if not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in trainer.state.log_history):
-                live.step = trainer.state.global_step; live.log_metric("eval/loss", val_end)
-            for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens"): live.summary[k] = metrics[k]
-            live.end()
-    say(f"val loss {val_start} -> {val_end:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s")
-    return metrics
+    return train_and_save(trainer, tok, out_dir, live, resume, start_file, main, say)
 
 # %% ../nbs/lib/06_train.ipynb #31e378bf
 def bench_midtrain(rows:list[dict], # corpus rows
