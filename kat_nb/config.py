@@ -95,6 +95,8 @@ class MidtrainParams(_Section):
     packing: bool = True
     tree_packing: bool = False                   # merge documents sharing prefixes into prefix trees (exact; kat_nb.tree)
     tree_normalize: Literal["token", "branch"] = "token"  # token: mean over loss tokens; branch: mean of branch means
+    tree_row_tokens: int = Field(2048, ge=16)    # tree packing: token budget of a packed row (one step = one group of trees)
+    activation_checkpointing: bool = False       # recompute activations in backward: memory for ~25% time (TRL turns it on by default)
     eval_steps: int = Field(100, ge=1)
     save_steps: int = Field(100, ge=1)
     logging_steps: int = Field(10, ge=1)
@@ -139,6 +141,8 @@ class SftParams(_Section):
     packing: bool = True
     tree_packing: bool = False
     tree_normalize: Literal["token", "branch"] = "token"
+    tree_row_tokens: int = Field(2048, ge=16)
+    activation_checkpointing: bool = False
     eval_steps: int = Field(50, ge=1)
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(10, ge=1)

@@ -1148,16 +1148,21 @@ def sft_pool(world_dir:Path|str, # the data stage's world folder (tasks + teache
     if hf: rows += load_sft_rows(hf)
     return rows
 
+def _axis_targets(t:dict, cats:tuple) -> list[float]:
+    "Weights of `cats` from `{category: weight}`; the key `*` shares its weight evenly among the categories not named."
+    rest = [c for c in cats if c not in t]
+    return [float(t[c]) if c in t else float(t.get("*", 0.0)) / max(len(rest), 1) for c in cats]
+
 def sft_mixture(pool:list[dict], n:int, targets:dict|None=None, max_repeat:int=4, seed:int=0, start:str="pool") -> tuple[list[dict], dict]:
-    "Balance `pool` to `n` rows; `targets`: {axis: {category: weight}} (missing axes / categories: uniform / 0 if any given)."
+    "Balance `pool` to `n` rows; `targets`: {axis: {category: weight, '*': weight shared by the rest}} (missing axis: uniform; missing category: 0)."
     codes = encode_labels(pool, GRID)
     tl = None
     if targets:
-        tl = [None if not targets.get(a) else [float(targets[a].get(c, 0.0)) for c in GRID[a]] for a in AXES]
         for a in targets:
             if a not in GRID: raise ValueError(f"targets: unknown axis {a!r} (axes: {', '.join(AXES)})")
-            bad = set(targets[a] or {}) - set(GRID[a])
+            bad = set(targets[a] or {}) - set(GRID[a]) - {"*"}
             if bad: raise ValueError(f"targets.{a}: unknown categories {sorted(bad)}")
+        tl = [None if not targets.get(a) else _axis_targets(targets[a], GRID[a]) for a in AXES]
     idx, rep = balance(codes, tuple(len(v) for v in GRID.values()), n, tl, max_repeat, seed, start)
     sizes = tuple(len(v) for v in GRID.values())
     rep = {**rep, "missing": {AXES[j]: [GRID[AXES[j]][c] for c in cs] for j, cs in rep["missing"].items()},

@@ -12,7 +12,7 @@ from .core import from_root, set_seed
 from .train import PackedCollator, _deepspeed_without_jit, _live_callback, last_checkpoint, midtrain_args, train_and_save, trim_live, world_size
 
 # %% auto #0
-__all__ = ['sft_tokenize', 'sft_dataset', 'sft_tree_dataset', 'run_sft', 'bench_sft_rows', 'bench_sft']
+__all__ = ['sft_tokenize', 'sft_dataset', 'sft_tree_seqs', 'run_sft', 'bench_sft_rows', 'bench_sft']
 
 # %% ../nbs/lib/13_sft.ipynb #13de569c
 def sft_tokenize(rows:list[dict], # chat rows: `messages` (+ `tools`)
@@ -38,17 +38,14 @@ def sft_dataset(rows:list[dict], tokenizer, seq_len:int, packing:bool=True):
     if packing: return pack_dataset(Dataset.from_dict(enc), seq_len, "bfd_split")
     return Dataset.from_dict({k: [x[:seq_len] for x in v] for k, v in enc.items()})
 
-def sft_tree_dataset(rows:list[dict], tokenizer, model, seq_len:int):
-    "Packed prefix-tree rows (kat_nb.tree): rows sharing a prefix (system prompt + tool schemas) computed once; assistant-only loss mask."
-    from kat_nb.tree import build_trees, check_trees, tokenizer_fingerprint, tree_dataset
-    enc = sft_tokenize(rows, tokenizer)
-    pieces = []
+def sft_tree_seqs(rows:list[dict], tokenizer, seq_len:int) -> list[dict]:
+    "Chat rows as token sequences with the assistant-only loss mask for `kat_nb.tree` (cut at `seq_len`, as the flat packing does)."
+    enc, out = sft_tokenize(rows, tokenizer), []
     for x, y in zip(enc["input_ids"], enc["labels"]):
         for i in range(0, len(x), seq_len):
-            pieces.append({"input_ids": x[i:i + seq_len], "loss_mask": [int(t != -100) for t in y[i:i + seq_len]]})
-    trees = build_trees([p for p in pieces if len(p["input_ids"]) > 1 and any(p["loss_mask"][1:])], tokenizer=tokenizer_fingerprint(tokenizer))
-    check_trees(trees, model, tokenizer)
-    return tree_dataset(trees, seq_len)
+            p = {"input_ids": x[i:i + seq_len], "loss_mask": [int(t != -100) for t in y[i:i + seq_len]]}
+            if len(p["input_ids"]) > 1 and any(p["loss_mask"][1:]): out.append(p)
+    return out
 
 # %% ../nbs/lib/13_sft.ipynb #867b12ca
 def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
@@ -76,12 +73,13 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
     seq_len, packing = params["seq_len"], params["packing"]
     Trainer, collator = SFTTrainer, PackedCollator(tok.pad_token_id)
     if params.get("tree_packing"):
-        from kat_nb.tree import TreeCollator, tree_trainer
-        train_ds, valid_ds = sft_tree_dataset(train_rows, tok, model, seq_len), sft_tree_dataset(valid_rows, tok, model, seq_len)
+        from kat_nb.tree import TREE_STEP_ARGS, TreeCollator, tree_step_data, tree_trainer
+        train_ds, valid_ds = tree_step_data(sft_tree_seqs(train_rows, tok, seq_len), sft_tree_seqs(valid_rows, tok, seq_len), params,
+                                            model, tok, seed, world_size())
         Trainer, collator = tree_trainer(SFTTrainer), TreeCollator(tok.pad_token_id, normalize=params.get("tree_normalize", "token"))
     else:
         train_ds, valid_ds = sft_dataset(train_rows, tok, seq_len, packing), sft_dataset(valid_rows, tok, seq_len, packing)
-    valid_ds = valid_ds.select(range(min(params["eval_samples"], len(valid_ds))))
+        valid_ds = valid_ds.select(range(min(params["eval_samples"], len(valid_ds))))
     resume = last_checkpoint(ckpt_dir); start_file = ckpt_dir/"start.json"
     if resume: say(f"resuming from {resume[0]} (step {resume[1]})")
     live = None
@@ -89,11 +87,13 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
         from dvclive import Live
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
-    args = midtrain_args(params, out_dir, seed, eval_on_start=not resume)
+    tree_args = TREE_STEP_ARGS if params.get("tree_packing") else {}
+    args = midtrain_args(params, out_dir, seed, eval_on_start=not resume, **tree_args)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
                       data_collator=collator, callbacks=[_live_callback(live, say, start_file)])
     trainer.remove_callback(PrinterCallback)
-    loss_tokens = sum(sum(t != -100 for t in r) for r in train_ds["labels"]) if "labels" in train_ds.column_names else None
+    loss_tokens = (sum(sum(t != -100 for t in r) for r in train_ds["labels"]) if "labels" in train_ds.column_names
+                   else round(sum(sum(map(sum, w)) for w in train_ds["pair_w_tok"])))
     say(f"sft: {len(train_rows)} samples -> {len(train_ds)} rows x {seq_len} tokens (packing={packing}, tree={bool(params.get('tree_packing'))}), "
         f"{params['max_steps']} steps, global batch {params['global_batch_size']}")
     metrics = train_and_save(trainer, tok, out_dir, live, resume, start_file, main, say)

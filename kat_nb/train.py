@@ -134,7 +134,8 @@ def midtrain_args(params:dict, # the `midtrain:` params section
               logging_steps=p["logging_steps"], use_cpu=p["use_cpu"], bf16=p["bf16"], deepspeed=p.get("deepspeed"),
               seed=seed, data_seed=seed, report_to="none", disable_tqdm=True, max_length=p["seq_len"], packing=False,
               dataset_kwargs={"skip_prepare_dataset": True}, include_num_input_tokens_seen="non_padding",
-              remove_unused_columns=False, dataloader_num_workers=0)
+              remove_unused_columns=False, dataloader_num_workers=0,
+              activation_checkpointing=bool(p.get("activation_checkpointing", False)))   # TRL's default is on: ~25% slower
     kw.update(overrides)
     return SFTConfig(**kw)
 
@@ -147,14 +148,10 @@ def _deepspeed_without_jit():
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 # %% ../nbs/lib/06_train.ipynb #aeaf73d0
-def tree_rows(rows:list[dict], tokenizer, model, seq_len:int):
-    "Packed tree rows (a `datasets.Dataset`) of corpus `rows`, each row at most `seq_len` tokens."
-    from kat_nb.tree import build_trees, check_trees, tokenizer_fingerprint, tree_dataset
+def tree_rows(rows:list[dict], tokenizer, seq_len:int) -> list[dict]:
+    "Corpus `rows` as token sequences for `kat_nb.tree` (cut at `seq_len` tokens: no root-to-leaf path over a flat row)."
     ids = tokenizer([with_eos(row_text(r), tokenizer.eos_token) for r in rows], add_special_tokens=False)["input_ids"]
-    pieces = [x[i:i + seq_len] for x in ids for i in range(0, len(x), seq_len)]   # no root-to-leaf path over the budget
-    trees = build_trees([{"input_ids": p} for p in pieces if p], tokenizer=tokenizer_fingerprint(tokenizer))
-    check_trees(trees, model, tokenizer)
-    return tree_dataset(trees, seq_len)
+    return [{"input_ids": x[i:i + seq_len]} for x in ids for i in range(0, len(x), seq_len) if x[i:i + seq_len]]
 
 # %% ../nbs/lib/06_train.ipynb #eca05128
 def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Path, main:bool, say:Callable) -> dict:
@@ -212,13 +209,14 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
     packing, seq_len = params["packing"], params["seq_len"]
     Trainer, collator = SFTTrainer, PackedCollator(tok.pad_token_id)
     if params.get("tree_packing"):            # documents sharing prefixes become prefix trees (exact; kat_nb.tree)
-        from kat_nb.tree import TreeCollator, tree_trainer
-        train_ds, valid_ds = tree_rows(train_rows, tok, model, seq_len), tree_rows(valid_rows, tok, model, seq_len)
+        from kat_nb.tree import TREE_STEP_ARGS, TreeCollator, tree_step_data, tree_trainer
+        train_ds, valid_ds = tree_step_data(tree_rows(train_rows, tok, seq_len), tree_rows(valid_rows, tok, seq_len), params,
+                                            model, tok, seed, world_size())
         Trainer, collator = tree_trainer(SFTTrainer), TreeCollator(tok.pad_token_id, normalize=params.get("tree_normalize", "token"))
     else:
         train_ds = lm_dataset(map(row_text, train_rows), tok, seq_len, packing)
         valid_ds = lm_dataset(map(row_text, valid_rows), tok, seq_len, packing)
-    valid_ds = valid_ds.select(range(min(params["eval_samples"], len(valid_ds))))
+        valid_ds = valid_ds.select(range(min(params["eval_samples"], len(valid_ds))))
     resume = last_checkpoint(ckpt_dir)
     start_file = ckpt_dir/"start.json"
     if resume: say(f"resuming from {resume[0]} (step {resume[1]})")
@@ -228,7 +226,8 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
     curves = _live_callback(live, say, start_file)
-    args = midtrain_args(params, out_dir, seed, eval_on_start=not resume)
+    tree_args = TREE_STEP_ARGS if params.get("tree_packing") else {}
+    args = midtrain_args(params, out_dir, seed, eval_on_start=not resume, **tree_args)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
                       data_collator=collator, callbacks=[curves])
     trainer.remove_callback(PrinterCallback)  # our callback prints one short line per log instead of the log dict

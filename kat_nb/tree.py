@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 # %% auto #0
-__all__ = ['TREE_KEYS', 'MODE_PROMPTS', 'BENCH_MODEL', 'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree',
-           'pack_trees', 'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask',
-           'tree_loss', 'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
-           'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces', 'tokenize_messages',
-           'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'TreeCollator', 'TreeLossMixin',
-           'tree_trainer', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree',
-           'compare_training']
+__all__ = ['TREE_KEYS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'TREE_STEP_ARGS', 'BENCH_MODEL', 'Tree',
+           'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees', 'pack_rows', 'flat_tokens',
+           'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_loss', 'flat_loss', 'tiny_qwen3',
+           'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer', 'bpe_tokenizer', 'tokenizer_fingerprint',
+           'check_trees', 'render_pieces', 'tokenize_messages', 'branching_traces', 'split_trace', 'trees_from_traces',
+           'tree_dataset', 'step_groups', 'pack_step', 'tree_step_dataset', 'tree_step_data', 'collate_step',
+           'TreeCollator', 'TreeLossMixin', 'tree_trainer', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step',
+           'peak_rss_mb', 'bench_tree', 'compare_training']
 
 # %% ../nbs/lib/12_tree.ipynb #05fa1fec
 @dataclass
@@ -308,16 +309,58 @@ def tree_block_mask(subtree_end:"torch.Tensor") -> "BlockMask":
     R, L = end.shape
     return create_block_mask(mask_mod, R, None, L, L, device=end.device)
 
+def _decoder_and_head(m):
+    "The model's decoder stack and LM head when logits can be taken from hidden states (no soft-capping), else None."
+    if getattr(m.config, "final_logit_softcapping", None) or not hasattr(m, "get_decoder"): return None
+    try: dec, head = m.get_decoder(), m.get_output_embeddings()
+    except (AttributeError, NotImplementedError): return None
+    return (dec, head) if dec is not None and dec is not m and head is not None else None
+
 def tree_loss(model, # a causal LM (HF); sdpa, eager or flex_attention
-              batch:dict, # from `collate_tree_rows` (on the model's device)
+              batch:dict, # from `collate_tree_rows` / `collate_step` (on the model's device)
               ) -> tuple["torch.Tensor", Any]:
-    "The weighted loss of a tree batch and the model outputs: sum over pairs of weight x CE(logits[pos], label)."
-    import torch.nn.functional as F
+    "The weighted loss of a tree batch and the logits at the loss positions: sum over pairs of weight x CE(logits[pos], label)."
+    import torch, torch.nn.functional as F
+    if "root_ids" in batch: return _rooted_loss(model, batch)
     mask = tree_mask_for(model, batch["subtree_end"])
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
-    logits = out.logits.flatten(0, 1)[batch["pair_index"]].float()
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
+    parts = _decoder_and_head(_unwrap(model))
+    if parts:        # the LM head only where a loss is taken (assistant-only SFT: ~1/5 of the tokens)
+        hidden = parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]
+        logits = parts[1](hidden).float()
+    else: logits = model(**kw).logits.flatten(0, 1)[batch["pair_index"]].float()
     ce = F.cross_entropy(logits, batch["pair_label"], reduction="none")
-    return (ce * batch["pair_weight"]).sum(), out
+    return (ce * batch["pair_weight"]).sum(), {"logits": logits}
+
+def _rooted_loss(model, batch:dict):
+    """A step with a shared prefix: the prefix runs once (causal, batch 1) and its keys/values, repeated per row, are the
+    first `P` keys of every row; a row token attends to them iff it descends from the prefix (`under_root`)."""
+    import torch, torch.nn.functional as F
+    m = _unwrap(model); parts = _decoder_and_head(m)
+    if parts is None or getattr(m.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        raise ValueError("a shared prefix (share_root) needs an sdpa/eager model with a separable LM head; use share_root=False")
+    if getattr(m, "is_gradient_checkpointing", False) and m.training:
+        raise ValueError("a shared prefix (share_root) reuses a key/value cache that activation checkpointing would recompute "
+                         "and extend: set activation_checkpointing: false (or share_root=False)")
+    dec, head = parts
+    from transformers import DynamicCache
+    cache = DynamicCache(config=m.config)                  # explicit: the model's config may say use_cache=False
+    out_r = dec(input_ids=batch["root_ids"], position_ids=batch["root_pos"], cache=cache, use_cache=True)
+    hidden = [out_r.last_hidden_state[0]]
+    index = [batch["root_pair_index"]]; labels = [batch["root_pair_label"]]; weights = [batch["root_pair_weight"]]
+    if "input_ids" in batch:
+        R, L = batch["input_ids"].shape; P = batch["root_ids"].shape[1]
+        cache.batch_repeat_interleave(R)
+        rows = tree_attention_mask(batch["subtree_end"], next(m.parameters()).dtype)
+        pre = torch.zeros((R, 1, L, P), dtype=rows.dtype, device=rows.device)
+        pre.masked_fill_(~batch["under_root"][:, None, :, None], torch.finfo(rows.dtype).min)
+        out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=torch.cat([pre, rows], -1),
+                  cache=cache, use_cache=True)
+        hidden.append(out.last_hidden_state.flatten(0, 1))
+        index.append(batch["pair_index"] + P); labels.append(batch["pair_label"]); weights.append(batch["pair_weight"])
+    logits = head(torch.cat(hidden)[torch.cat(index)]).float()
+    ce = F.cross_entropy(logits, torch.cat(labels), reduction="none")
+    return (ce * torch.cat(weights)).sum(), {"logits": logits}
 
 # %% ../nbs/lib/12_tree.ipynb #d06163c3
 def flat_loss(model, seqs:list[dict|list[int]], normalize:str="branch") -> "torch.Tensor":
@@ -598,29 +641,159 @@ def trees_from_traces(groups:list[dict], # from `branching_traces` (or records w
 
 # %% ../nbs/lib/12_tree.ipynb #46a923c2
 def tree_dataset(trees:list[Tree], max_tokens:int):
-    "A `datasets.Dataset` of packed tree rows (at most `max_tokens` tokens each) for `TreeCollator`."
+    "A `datasets.Dataset` of packed tree rows (at most `max_tokens` tokens each) for `TreeCollator`: one dataset row = one packed row."
     from datasets import Dataset
     return Dataset.from_list(pack_rows(trees, max_tokens))
 
+def step_groups(lengths:list[int], # flat tokens of each trajectory
+                step_tokens:int, # flat tokens per optimizer step (what a flat run's batch holds, e.g. rows x seq_len)
+                seed:int=0, # shuffle before grouping (None: keep the order)
+               ) -> list[list[int]]:
+    "Trajectory indices per optimizer step: shuffled, then consecutive trajectories until `step_tokens` flat tokens."
+    order = list(range(len(lengths)))
+    if seed is not None: random.Random(seed).shuffle(order)
+    groups, cur, n = [], [], 0
+    for i in order:
+        if cur and n + lengths[i] > step_tokens: groups.append(cur); cur, n = [], 0
+        cur.append(i); n += lengths[i]
+    return groups + [cur] if cur else groups
+
+ROW_KEYS = ("input_ids", "position_ids", "subtree_end", "pair_pos", "pair_label", "pair_w_tok", "pair_w_seq", "tokens_flat")
+
+def _shared_chain(tree:Tree) -> list[int]:
+    "Nodes from the root down that every branch of `tree` passes through (their tokens: the prefix all branches share)."
+    chain, kids = [0], tree.children
+    while len(kids[chain[-1]]) == 1 and tree.count[kids[chain[-1]][0]] == tree.count[0]: chain.append(kids[chain[-1]][0])
+    return chain
+
+STEP_KEYS = ("root_ids", "root_pos", "root_pair_pos", "root_pair_label", "root_pair_w_tok", "root_pair_w_seq")
+PAIR_KEYS = ("pair_pos", "pair_label", "pair_w_tok", "pair_w_seq")
+
+def pack_step(trees:list[Tree], # the trees of one optimizer step
+              max_tokens:int, # token budget of a row (the shared prefix not counted; a longer root-to-leaf path gets its own row)
+              share_root:bool=True, # compute the prefix all branches of the largest tree share once, outside the rows
+             ) -> dict:
+    """One step as an item: the shared prefix (`root_*`: its tokens and the loss pairs it predicts) and the packed rows
+    (`ROW_KEYS` + `under_root`: 1 where a token descends from the shared prefix and may attend to it)."""
+    big = max(trees, key=lambda t: (t.count[0], t.n_tokens))
+    P = sum(len(big.tokens[i]) for i in _shared_chain(big)) if share_root and big.count[0] > 1 else 0
+    item = {k: [] for k in STEP_KEYS}; pieces = []
+    for t in trees:
+        shared = P > 0 and t is big
+        budget = max(max_tokens + (P if shared else 0), t.max_depth)     # a path longer than a row gets a row of its own
+        parts = [_subtree(t, k, o) for k, o in _split_sets(t, budget)] if shared else split_tree(t, budget)
+        for part in parts:
+            s, cut = serialize(part), (P if shared else 0)
+            if shared and not item["root_ids"]: item["root_ids"], item["root_pos"] = s["input_ids"][:P], s["position_ids"][:P]
+            keep = [j for j, q in enumerate(s["pair_pos"]) if q >= cut]
+            for j, q in enumerate(s["pair_pos"]):          # pairs predicted from the shared prefix: computed with it
+                if q < cut:
+                    for k in PAIR_KEYS: item["root_" + k].append(s[k][j])
+            piece = {"input_ids": s["input_ids"][cut:], "position_ids": s["position_ids"][cut:],
+                     "subtree_end": [e - cut for e in s["subtree_end"][cut:]], "pair_pos": [s["pair_pos"][j] - cut for j in keep],
+                     **{k: [s[k][j] for j in keep] for k in PAIR_KEYS[1:]}, "under_root": [int(shared)] * (len(s["input_ids"]) - cut),
+                     "tokens_flat": flat_tokens(part)}
+            if piece["input_ids"]: pieces.append(piece)
+            elif piece["tokens_flat"]: item.setdefault("_flat_extra", 0); item["_flat_extra"] += piece["tokens_flat"]
+    rows, room = [], []                                    # first-fit decreasing over the serialised pieces
+    for pc in sorted(pieces, key=lambda pc: -len(pc["input_ids"])):
+        for r, free in enumerate(room):
+            if len(pc["input_ids"]) <= free: rows[r].append(pc); room[r] -= len(pc["input_ids"]); break
+        else: rows.append([pc]); room.append(max_tokens - len(pc["input_ids"]))
+    for k in ROW_KEYS + ("under_root",): item[k] = []
+    for row in rows:
+        r = {k: [] for k in ROW_KEYS + ("under_root",)}; r["tokens_flat"] = 0
+        for pc in row:
+            o = len(r["input_ids"])
+            r["subtree_end"] += [e + o for e in pc["subtree_end"]]; r["pair_pos"] += [q + o for q in pc["pair_pos"]]
+            for k in ("input_ids", "position_ids", "pair_label", "pair_w_tok", "pair_w_seq", "under_root"): r[k] += pc[k]
+            r["tokens_flat"] += pc["tokens_flat"]
+        for k in r: item[k].append(r[k])
+    if item["tokens_flat"]: item["tokens_flat"][0] += item.pop("_flat_extra", 0)
+    else: item.pop("_flat_extra", None)
+    return item
+
+def tree_step_dataset(seqs:list[dict], # tokenized trajectories (`build_trees` input: `input_ids`, `loss_mask`, ...)
+                      step_tokens:int, # flat tokens per optimizer step
+                      max_tokens:int, # token budget of one packed row
+                      seed:int=0, # grouping shuffle
+                      model=None, tokenizer=None, # checked against the trees (`check_trees`)
+                      share_root:bool=True, # the prefix shared by a step's largest tree computed once (see `pack_step`)
+                     ):
+    "A `datasets.Dataset` with one item per optimizer step: that step's trajectories merged into trees, packed (`pack_step`)."
+    from datasets import Dataset
+    if not seqs: raise ValueError("no trajectories to train on (all empty or filtered out)")
+    fp, items = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None, []
+    for g in step_groups([len(s["input_ids"]) for s in seqs], step_tokens, seed):
+        trees = build_trees([seqs[i] for i in g], tokenizer=fp); check_trees(trees, model, tokenizer)
+        items.append(pack_step(trees, max_tokens, share_root))
+    return Dataset.from_list(items)
+
+TREE_STEP_ARGS = dict(per_device_train_batch_size=1, per_device_eval_batch_size=1, gradient_accumulation_steps=1)  # one item = one step
+
+def tree_step_data(train_seqs:list[dict], valid_seqs:list[dict], # tokenized trajectories
+                   params:dict, # a training section: global_batch_size, seq_len, tree_row_tokens, eval_samples
+                   model=None, tokenizer=None, seed:int=0,
+                   world:int=1, # processes: each takes its own step item, so one item holds 1/world of the batch
+                   share_root:bool=True,
+                  ):
+    "Train and validation step datasets for a stage's `tree_packing`: steps of `global_batch_size x seq_len` flat tokens."
+    step = max(1, params["global_batch_size"] // world) * params["seq_len"]
+    rows = params.get("tree_row_tokens") or 2 * params["seq_len"]
+    train = tree_step_dataset(train_seqs, step, rows, seed, model, tokenizer, share_root)
+    valid = tree_step_dataset(valid_seqs, step, rows, seed, model, tokenizer, share_root)
+    n = max(1, math.ceil(params["eval_samples"] * params["seq_len"] / step))   # as many flat tokens as `eval_samples` rows
+    return train, valid.select(range(min(n, len(valid))))
+
+def _rows_of(features:list[dict]) -> list[dict]:
+    "Packed rows of a batch: step items (`tree_step_dataset`, lists of rows) are unrolled; row items pass through."
+    if not features or not features[0]["input_ids"] or not isinstance(features[0]["input_ids"][0], list): return features
+    return [{k: f[k][j] for k in ROW_KEYS + ("under_root",) if k in f} for f in features for j in range(len(f["input_ids"]))]
+
+def collate_step(features:list[dict], pad_token_id:int=0, normalize:str="branch") -> dict:
+    "A batch of step items: rows as in `collate_tree_rows`, plus the shared prefix (`root_*`) when the item has one."
+    import torch
+    rooted = [f for f in features if f.get("root_ids")]
+    if not rooted: return collate_tree_rows(_rows_of(features), pad_token_id, normalize)
+    if len(features) > 1: raise ValueError("step items with a shared prefix go one per batch (per_device_train_batch_size=1)")
+    f = features[0]; rows = _rows_of(features)
+    b = collate_tree_rows(rows, pad_token_id, normalize) if rows else {"tokens_tree": torch.tensor(0), "tokens_flat": torch.tensor(0)}
+    key = "pair_w_seq" if normalize == "branch" else "pair_w_tok"
+    wr = torch.tensor(f["root_" + key], dtype=torch.float64)
+    w = torch.cat([wr, torch.tensor([x for r in rows for x in r[key]], dtype=torch.float64)]); tot = w.sum()
+    w = (w / tot if tot > 0 else w).float()
+    b["pair_weight"] = w[len(wr):]
+    if rows:
+        R, L = b["input_ids"].shape; under = torch.zeros((R, L), dtype=torch.bool)
+        for i, r in enumerate(rows): under[i, :len(r["under_root"])] = torch.as_tensor(r["under_root"], dtype=torch.bool)
+        b["under_root"] = under
+    b.update({"root_ids": torch.tensor([f["root_ids"]]), "root_pos": torch.tensor([f["root_pos"]]),
+              "root_pair_index": torch.tensor(f["root_pair_pos"], dtype=torch.long),
+              "root_pair_label": torch.tensor(f["root_pair_label"], dtype=torch.long), "root_pair_weight": w[:len(wr)]})
+    b["tokens_tree"] = b["tokens_tree"] + len(f["root_ids"])
+    b["tokens_flat"] = torch.tensor(sum(f["tokens_flat"]))
+    b.setdefault("labels", torch.full((1, 1), -100))
+    return b
+
 @dataclass
 class TreeCollator:
-    "Batches packed tree rows (`tree_dataset`) into tensors for `tree_loss`."
+    "Batches packed tree rows (`tree_dataset`) or whole steps (`tree_step_dataset`) into tensors for `tree_loss`."
     pad_token_id: int = 0
     normalize: str = "branch"   # "branch" | "token"
-    def __call__(self, features:list[dict]) -> dict: return collate_tree_rows(features, self.pad_token_id, self.normalize)
+    def __call__(self, features:list[dict]) -> dict: return collate_step(features, self.pad_token_id, self.normalize)
 
 class TreeLossMixin:
     "Trainer mixin: batches from `TreeCollator` get the exact tree loss; token accounting goes into the logs."
     loss_is_scaled_for_ga = False          # a per-micro-batch mean: Trainer divides by the accumulation steps
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "pair_index" not in inputs: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "pair_index" not in inputs and "root_ids" not in inputs: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, out = tree_loss(model, inputs)
         if model.training:
             acc = self.__dict__.setdefault("_tree_acc", [0, 0])
             acc[0] += int(inputs["tokens_flat"]); acc[1] += int(inputs["tokens_tree"])
         return (loss, out) if return_outputs else loss
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        tree = "pair_index" in inputs      # tree batches: the loss only (logits of packed rows mean nothing per row)
+        tree = "pair_index" in inputs or "root_ids" in inputs      # tree batches: the loss only (logits of packed rows mean nothing per row)
         return super().prediction_step(model, inputs, prediction_loss_only or tree, ignore_keys)
     def log(self, logs:dict, *args, **kw):
         acc = self.__dict__.get("_tree_acc")
@@ -640,7 +813,8 @@ def tree_sft_args(out_dir:str, **kw):
     from trl import SFTConfig
     base = dict(output_dir=str(out_dir), per_device_train_batch_size=2, learning_rate=3e-3, lr_scheduler_type="constant",
                 use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1,
-                dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, dataloader_num_workers=0)
+                dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, dataloader_num_workers=0,
+                activation_checkpointing=False)
     return SFTConfig(**{**base, **kw})
 
 # %% ../nbs/lib/12_tree.ipynb #2f135ba6
@@ -669,25 +843,32 @@ def node_entropy(model, tree:Tree, max_tokens:int=4096) -> list[float]:
 def prune_tree(tree:Tree, # the tree to prune
                max_tokens:int, # the budget
                entropy:list[float], # per node, e.g. `node_entropy(model, tree)`
-               keep_kinds:tuple=("tool_call", "tool", "memory"), # always kept, with their ancestors
+               keep_kinds:tuple=("tool_call", "tool", "memory"), # never cut off a kept path (with `always`: kept whatever the score)
+               always:bool=False, # keep every `keep_kinds` node and its ancestors first (an error if they alone exceed the budget)
               ) -> tuple[Tree, dict]:
     "Keep the ancestor-closed set of nodes with the highest entropy x reach under `max_tokens`; returns the pruned tree and a report."
     if tree.n_tokens <= max_tokens: return tree, {"kept": len(tree.tokens), "dropped": 0, "tokens": tree.n_tokens}
+    kids = tree.children
+    def closure(i) -> set:                 # i, its ancestors, and the keep-kind nodes hanging below them (a call brings its result)
+        out = set(tree.ancestors(i) + [i]); todo = list(out)
+        while todo:
+            for c in kids[todo.pop()]:
+                if tree.kind[c] in keep_kinds and c not in out: out.add(c); todo.append(c)
+        return out
     keep: set = set()
-    def add(i):
-        for a in tree.ancestors(i) + [i]: keep.add(a)
-    for i, k in enumerate(tree.kind):
-        if k in keep_kinds: add(i)
+    if always:
+        for i, k in enumerate(tree.kind):
+            if k in keep_kinds: keep |= closure(i)
     used = sum(len(tree.tokens[i]) for i in keep)
     if used > max_tokens:
         raise ValueError(f"the nodes that are always kept ({', '.join(keep_kinds)}) and their ancestors need {used} tokens, "
-                         f"more than max_tokens={max_tokens}: raise the budget or narrow keep_kinds")
+                         f"more than max_tokens={max_tokens}: raise the budget, narrow keep_kinds or drop always=True")
     score = {i: entropy[i] * tree.count[i] / max(tree.n_branches, 1) for i in range(len(tree.tokens))}
     for i in sorted(score, key=lambda i: (-score[i], i)):
         if i in keep: continue
-        new = [a for a in tree.ancestors(i) + [i] if a not in keep]
+        new = closure(i) - keep
         cost = sum(len(tree.tokens[a]) for a in new)
-        if used + cost <= max_tokens: keep.update(new); used += cost
+        if used + cost <= max_tokens: keep |= new; used += cost
     pruned = _subtree(tree, sorted(keep))
     return pruned, {"kept": len(keep), "dropped": len(tree.tokens) - len(keep), "tokens": used,
                     "kept_kinds": sorted({tree.kind[i] for i in keep}), "dropped_kinds": sorted({tree.kind[i] for i in range(len(tree.tokens)) if i not in keep})}

@@ -568,6 +568,7 @@ def _assemble(rng, seed, split, kind, tname, module, func, doc, cases, wants, go
     o = got[i]
     outcome = f"returns `{o[1]!r}`" if o[0] == "ok" else f"raises `{o[1]}`"
     issue = rng.choice(_ISSUES).format(call=_call(func, cases[i]), outcome=outcome, want=repr(wants[i]), func=func, module=module, doc=doc)
+    issue += f"\n\nFiles in the repository: {', '.join(sorted(files))}."   # what an IDE shows; the issue alone rarely names the file
     solutions = [{**files, mfile: bug.original}]
     if kind in ("comparison_flip", "operator_swap"):
         alt = _mirror(src, site, bug.after)

@@ -1,7 +1,7 @@
 """The pipeline end to end on the `smoke` profile, in a throwaway copy of the repository.
 
-`dvc repro` runs data → tokenizer → midtrain; a second `dvc repro` runs nothing; `dvc exp run -S
-midtrain.<key>=…` reruns only midtrain; a `dvc repro` killed during mid-training resumes from the last
+`dvc repro` runs data → tokenizer → midtrain → sft → eval → report; a second `dvc repro` runs nothing; `dvc exp
+run -S midtrain.<key>=…` reruns midtrain and what depends on it, not data or tokenizer; a `dvc repro` killed during mid-training resumes from the last
 checkpoint. Plus the runner's refusals: a bad params key or type, a stage notebook without its
 `parameters` tag.
 """
@@ -48,20 +48,23 @@ def smoke_repo(tmp_path_factory):
 @pytest.mark.xdist_group("pipeline")
 def test_repro_then_nothing_then_only_dependents(smoke_repo):
     r = _sh(["dvc", "repro"], smoke_repo)
-    for stage in ("data", "tokenizer", "midtrain"): assert f"Running stage '{stage}'" in r.stdout, r.stdout
+    for stage in ("data", "tokenizer", "midtrain", "sft", "eval@sft-world", "report"): assert f"Running stage '{stage}'" in r.stdout, r.stdout
     m = json.loads((smoke_repo/"metrics"/"midtrain.json").read_text())
     assert m["val_loss_end"] < m["val_loss_start"], m
     rec = json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())
     assert rec["profile"] == "smoke" and rec["seed"] == 0 and rec["versions"]["torch"].startswith("2.13") and rec["git"] != "unknown"
     assert (smoke_repo/"dvclive"/"midtrain"/"metrics.json").exists()
     assert (smoke_repo/"runs"/"03_midtrain.ipynb").exists()
+    sft = json.loads((smoke_repo/"metrics"/"sft.json").read_text())                # SFT after mid-training, scored by eval
+    assert sft["val_loss_end"] < sft["val_loss_start"] and (smoke_repo/"data"/"sft"/"coverage.json").exists(), sft
+    assert "resolve_rate" in json.loads((smoke_repo/"metrics"/"sft"/"world.json").read_text())
 
     t0 = time.time(); r2 = _sh(["dvc", "repro"], smoke_repo)
     assert "Running stage" not in r2.stdout and time.time() - t0 < 60, r2.stdout
 
     _sh(["git", "add", "-A"], smoke_repo); _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock"], smoke_repo)
     r3 = _sh(["dvc", "exp", "run", "-S", "midtrain.learning_rate=0.002"], smoke_repo)
-    assert "Running stage 'midtrain'" in r3.stdout, r3.stdout
+    assert "Running stage 'midtrain'" in r3.stdout and "Running stage 'sft'" in r3.stdout, r3.stdout   # and its dependents
     for stage in ("data", "tokenizer"): assert f"Running stage '{stage}'" not in r3.stdout, r3.stdout
 
 

@@ -47,6 +47,17 @@ def test_given_targets_and_missing_categories():
     assert rep["missing"] == {0: [5]} and abs(np.mean(few[idx, 0] == 0) - 1 / 23) < 0.005
 
 
+
+def test_named_targets_with_a_shared_rest():
+    pool = grid_rows(4000, 1, skewed_weights, executable=False)          # mostly Python and bug fixing: enough rows for the targets
+    mix, rep = sft_mixture(pool, 2000, {"language": {"Python": 0.5, "*": 0.5}, "archetype": {"debugging and bug fixing": 0.4, "*": 0.6}},
+                           max_repeat=4, seed=0)
+    share = lambda a, c: sum(r[a] == c for r in mix) / len(mix)
+    assert abs(share("language", "Python") - 0.5) < 0.01 and abs(share("language", "Rust") - 0.5 / 23) < 0.01
+    assert abs(share("archetype", "debugging and bug fixing") - 0.4) < 0.02 and rep["max_marginal_error"] < 0.02
+    with pytest.raises(ValueError, match="targets.language: unknown categories"): sft_mixture(pool, 10, {"language": {"Pyhton": 1.0}})
+
+
 def test_determinism_and_repeat_cap():
     codes = _skewed(3000)
     a, _ = balance(codes, (24, 10, 10), 6000, max_repeat=3, seed=7)
@@ -104,3 +115,25 @@ def test_resume(tiny_sft):
     m2 = run_sft(rows, rows[:2], d/"init", P, d/"out", d/"live", echo=None)
     assert m1["train_steps"] == 2 and m2["train_steps"] == 4 and m2["resumed_from"].endswith("checkpoint-2")
     assert m2["val_loss_start"] == pytest.approx(m1["val_loss_start"])
+
+
+def test_tree_packing_steps(tiny_sft):
+    """`tree_packing: true`: one dataset item per optimizer step (the step's trajectories merged into trees), the loss is
+    the assistant-only loss (observations and user turns carry no weight), the shared prefix is computed once."""
+    from kat_nb.sft import run_sft, sft_tree_seqs
+    from kat_nb.tree import tree_step_data
+    rows, tok, d = tiny_sft
+    P = dict(max_steps=2, learning_rate=3e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, global_batch_size=1,
+             per_device_batch_size=1, seq_len=4096, packing=True, tree_packing=True, tree_normalize="token", tree_row_tokens=4096,
+             eval_steps=2, save_steps=2, logging_steps=1, save_total_limit=1, eval_samples=2, deepspeed=None, use_cpu=True, bf16=False)
+    seqs = sft_tree_seqs(rows, tok, 4096)
+    enc = [tok.apply_chat_template(r["messages"], tools=r.get("tools") or None, tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True) for r in rows]
+    assert [s["loss_mask"] for s in seqs] == [list(e["assistant_masks"]) for e in enc]
+    train, valid = tree_step_data(seqs, seqs, P)
+    per_step = [sum(item["tokens_flat"]) for item in train]
+    assert len(train) == len(per_step) >= 2 and sum(per_step) == sum(len(s["input_ids"]) for s in seqs)
+    assert all(sum(map(len, it["input_ids"])) < sum(it["tokens_flat"]) for it in train)     # shared prompt once per step
+    m = run_sft(rows, rows[:4], d/"init", P, d/"out_tree", d/"live_tree", echo=None)
+    assert m["train_steps"] == 2 and m["val_loss_end"] < m["val_loss_start"]
+    assert m["loss_tokens_per_epoch"] == sum(sum(s["loss_mask"][1:]) for s in seqs)

@@ -6,8 +6,8 @@ import torch
 
 from kat_nb.tree import (ByteTokenizer, TreeCollator, bench_tree, bpe_tokenizer, branching_traces, build_trees, check_trees,
                          collate_tree_rows, compare_grads, node_entropy, pack_rows, prune_tree, random_branches, render_pieces,
-                         split_trace, split_tree, tiny_qwen3, tokenize_messages, tokenizer_fingerprint, tree_dataset, tree_sft_args,
-                         tree_stats, tree_trainer, trees_from_traces)
+                         split_trace, split_tree, step_groups, tiny_qwen3, tokenize_messages, tokenizer_fingerprint, tree_dataset,
+                         flat_loss, tree_loss, tree_sft_args, tree_stats, tree_step_dataset, tree_trainer, trees_from_traces)
 
 TOL = 1e-4
 
@@ -49,6 +49,37 @@ def test_split_trees_exact_across_rows(model):
     seqs = random_branches(7, n_branches=8, prefix=10, depth=3, seg=5)
     r = _exact(model, seqs, max_tokens=32)
     assert r["rows"] > 1
+
+
+def test_step_groups():
+    lengths = [5, 9, 3, 12, 7, 7, 1, 20]
+    g = step_groups(lengths, 16, seed=3)
+    assert sorted(i for x in g for i in x) == list(range(len(lengths)))            # a partition of the trajectories
+    assert all(sum(lengths[i] for i in x) <= 16 or len(x) == 1 for x in g)        # a step's flat tokens stay in budget
+    assert g == step_groups(lengths, 16, seed=3) and g != step_groups(lengths, 16, seed=4)
+    assert step_groups(lengths, 16, seed=None)[0] == [0, 1]                          # no shuffle: in order
+
+
+@pytest.mark.parametrize("share_root,max_tokens", [(False, 64), (True, 64), (True, 12)])
+def test_step_items_equal_flat_steps(model, share_root, max_tokens):
+    """One dataset item = one optimizer step whose tree loss and gradients are the flat loss of the same trajectories
+    (a forest of the whole dataset would put the shared prefix, with every branch's weight, into one mini-batch).
+    With `share_root` the prefix every branch shares runs once and its keys are reused by every row."""
+    seqs = random_branches(11, n_branches=12, prefix=16, depth=2, seg=6, masked=True)
+    seqs += [{"input_ids": [5, 6, 7, 8], "loss_mask": [1, 1, 1, 1]}]                 # a second tree in some step
+    lengths = [len(s["input_ids"]) for s in seqs]
+    ds = tree_step_dataset(seqs, step_tokens=3 * max(lengths), max_tokens=max_tokens, seed=0, share_root=share_root)
+    assert all(bool(it["root_ids"]) == share_root for it in ds)
+    groups = step_groups(lengths, 3 * max(lengths), 0)
+    assert len(ds) == len(groups) > 2
+    for item, g in zip(ds, groups):
+        model.zero_grad(); lt, _ = tree_loss(model, TreeCollator(normalize="token")([item])); lt.backward()
+        gt = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(); lf = flat_loss(model, [seqs[i] for i in g], normalize="token"); lf.backward()
+        assert abs(float(lt.detach()) - float(lf.detach())) / float(lf.detach()) < TOL
+        assert max(float((a - p.grad).norm() / p.grad.norm().clamp_min(1e-12)) for a, p in zip(gt, model.parameters())) < TOL
+    # the shared prefix is computed once per step: fewer tree tokens than flat ones in every step
+    assert all(sum(map(len, item["input_ids"])) + len(item["root_ids"]) < sum(item["tokens_flat"]) for item in ds)
 
 
 def test_real_traces_exact_with_masks(model):
@@ -102,14 +133,25 @@ def test_prune_keeps_tool_nodes():
     tree = trees_from_traces([g], bt)[0]
     ent = node_entropy(tiny_qwen3(vocab_size=256), tree, max_tokens=4096)
     assert len(ent) == len(tree.tokens) and all(e >= 0 for e in ent)
-    # every route ends in a tool result, so the default rule (tool nodes + ancestors) keeps the whole tree
+    # every route ends in a tool result, so the literal rule (always=True: tool nodes + ancestors) keeps the whole tree
     forced = {a for i, k in enumerate(tree.kind) if k in ("tool_call", "tool", "memory") for a in tree.ancestors(i) + [i]}
     assert len(forced) == len(tree.tokens)
-    with pytest.raises(ValueError, match="always kept"): prune_tree(tree, tree.n_tokens - 1, ent)
+    with pytest.raises(ValueError, match="always kept"): prune_tree(tree, tree.n_tokens - 1, ent, always=True)
     budget = tree.n_tokens // 2
-    small, info = prune_tree(tree, budget, ent, keep_kinds=("memory",))
-    assert small.n_tokens <= budget and info["dropped"] > 0 and "memory" in small.kind
+    small, info = prune_tree(tree, budget, ent)                     # default: whole branches go, pairs stay intact
+    assert small.n_tokens <= budget and info["dropped"] > 0
     assert all(p < i for i, p in enumerate(small.parent))          # ancestor-closed, parents first
+    kids = small.children
+    for i, k in enumerate(small.kind):                              # no kept call without its result
+        if k == "tool_call" and any(tree.kind[c] == "tool" for c in tree.children[_orig(tree, small, i)]):
+            assert any(small.kind[c] == "tool" for c in kids[i]), i
+    small2, _ = prune_tree(tree, budget, ent, keep_kinds=("memory",))
+    assert small2.n_tokens <= budget and "memory" in tree.kind
+
+
+def _orig(tree, small, i):
+    "The node of `tree` that node `i` of the pruned `small` copies (same tokens at the same start)."
+    return next(j for j in range(len(tree.tokens)) if tree.start[j] == small.start[i] and tree.tokens[j] == small.tokens[i])
 
 
 def test_sft_trainer_seam():
