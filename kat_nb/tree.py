@@ -339,7 +339,9 @@ def _rooted_loss(model, batch:dict):
     m = _unwrap(model); parts = _decoder_and_head(m)
     if parts is None or getattr(m.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         raise ValueError("a shared prefix (share_root) needs an sdpa/eager model with a separable LM head; use share_root=False")
-    if getattr(m, "is_gradient_checkpointing", False) and m.training:
+    ckpt = getattr(m, "is_activation_checkpointing", None)      # transformers 5 name; older: is_gradient_checkpointing
+    if ckpt is None: ckpt = getattr(m, "is_gradient_checkpointing", False)
+    if ckpt and m.training:
         raise ValueError("a shared prefix (share_root) reuses a key/value cache that activation checkpointing would recompute "
                          "and extend: set activation_checkpointing: false (or share_root=False)")
     dec, head = parts
@@ -746,8 +748,9 @@ def tree_step_data(train_seqs:list[dict], valid_seqs:list[dict], # tokenized tra
     return train, valid.select(range(min(n, len(valid))))
 
 def _rows_of(features:list[dict]) -> list[dict]:
-    "Packed rows of a batch: step items (`tree_step_dataset`, lists of rows) are unrolled; row items pass through."
-    if not features or not features[0]["input_ids"] or not isinstance(features[0]["input_ids"][0], list): return features
+    "Packed rows of a batch: step items (`tree_step_dataset`, lists of rows, maybe none) are unrolled; row items pass through."
+    step = features and ("root_ids" in features[0] or (features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list)))
+    if not step: return features
     return [{k: f[k][j] for k in ROW_KEYS + ("under_root",) if k in f} for f in features for j in range(len(f["input_ids"]))]
 
 def collate_step(features:list[dict], pad_token_id:int=0, normalize:str="branch") -> dict:
@@ -849,11 +852,10 @@ def prune_tree(tree:Tree, # the tree to prune
     "Keep the ancestor-closed set of nodes with the highest entropy x reach under `max_tokens`; returns the pruned tree and a report."
     if tree.n_tokens <= max_tokens: return tree, {"kept": len(tree.tokens), "dropped": 0, "tokens": tree.n_tokens}
     kids = tree.children
-    def closure(i) -> set:                 # i, its ancestors, and the keep-kind nodes hanging below them (a call brings its result)
-        out = set(tree.ancestors(i) + [i]); todo = list(out)
-        while todo:
-            for c in kids[todo.pop()]:
-                if tree.kind[c] in keep_kinds and c not in out: out.add(c); todo.append(c)
+    pairs = "tool_call" in keep_kinds and "tool" in keep_kinds
+    def closure(i) -> set:                 # i and its ancestors; a kept tool call brings its result(s)
+        out = set(tree.ancestors(i) + [i])
+        if pairs: out |= {c for n in list(out) if tree.kind[n] == "tool_call" for c in kids[n] if tree.kind[c] == "tool"}
         return out
     keep: set = set()
     if always:

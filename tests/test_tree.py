@@ -82,6 +82,20 @@ def test_step_items_equal_flat_steps(model, share_root, max_tokens):
     assert all(sum(map(len, item["input_ids"])) + len(item["root_ids"]) < sum(item["tokens_flat"]) for item in ds)
 
 
+@pytest.mark.parametrize("seqs", [[[3, 4, 5, 6]] * 3,                                   # identical: everything is the prefix
+                                  [[3, 4, 5, 6], [3, 4, 5, 6, 7, 8]],                    # one branch is the other's prefix
+                                  [[3, 4, 5], [9, 8, 7, 6], [3, 4, 2]]])                 # a second tree beside the shared one
+def test_shared_prefix_corner_cases(model, seqs):
+    seqs = [{"input_ids": s} for s in seqs]
+    item = tree_step_dataset(seqs, step_tokens=10**6, max_tokens=8, seed=None, share_root=True)[0]
+    assert item["root_ids"]
+    model.zero_grad(); lt, _ = tree_loss(model, TreeCollator(normalize="token")([item])); lt.backward()
+    gt = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(); lf = flat_loss(model, seqs, normalize="token"); lf.backward()
+    assert abs(float(lt.detach()) - float(lf.detach())) / float(lf.detach()) < TOL
+    assert max(float((a - p.grad).norm() / p.grad.norm().clamp_min(1e-12)) for a, p in zip(gt, model.parameters())) < TOL
+
+
 def test_real_traces_exact_with_masks(model):
     g = branching_traces(1, source="synthetic", tools=False)[0]
     bt = ByteTokenizer()
