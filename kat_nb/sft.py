@@ -93,7 +93,7 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
                       data_collator=collator, callbacks=[_live_callback(live, say, start_file)])
     trainer.remove_callback(PrinterCallback)
     loss_tokens = (sum(sum(t != -100 for t in r) for r in train_ds["labels"]) if "labels" in train_ds.column_names
-                   else round(sum(sum(map(sum, w)) for w in train_ds["pair_w_tok"])))
+                   else round(sum(sum(map(sum, w)) for w in train_ds["pair_w_tok"]) + sum(map(sum, train_ds["root_pair_w_tok"]))))
     say(f"sft: {len(train_rows)} samples -> {len(train_ds)} rows x {seq_len} tokens (packing={packing}, tree={bool(params.get('tree_packing'))}), "
         f"{params['max_steps']} steps, global batch {params['global_batch_size']}")
     metrics = train_and_save(trainer, tok, out_dir, live, resume, start_file, main, say)

@@ -234,27 +234,32 @@ def pack_trees(trees:list[Tree], # trees (any size; larger ones are split)
               ) -> list[list[Tree]]:
     "Rows of trees under `max_tokens` tokens each: oversized trees split (`split_tree`), then first-fit decreasing."
     if max_tokens < 1: raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    parts = sorted((p for t in trees for p in split_tree(t, max_tokens)), key=lambda p: -p.n_tokens)
-    rows, room = [], []
-    for p in parts:
-        for r, free in enumerate(room):
-            if p.n_tokens <= free: rows[r].append(p); room[r] -= p.n_tokens; break
-        else: rows.append([p]); room.append(max_tokens - p.n_tokens)
-    return rows
+    parts = [p for t in trees for p in split_tree(t, max_tokens)]
+    return _ffd(parts, lambda p: p.n_tokens, max_tokens)
+
+def _ffd(items:list, size:Callable, budget:int) -> list[list]:
+    "First-fit decreasing: `items` into bins of `budget` (an item larger than the budget gets a bin of its own)."
+    bins, room = [], []
+    for x in sorted(items, key=lambda x: -size(x)):
+        for b, free in enumerate(room):
+            if size(x) <= free: bins[b].append(x); room[b] -= size(x); break
+        else: bins.append([x]); room.append(budget - size(x))
+    return bins
+
+def _concat(pieces:list[dict]) -> dict:
+    "Serialised pieces side by side in one row: offsets applied to `subtree_end` and `pair_pos`, `tokens_flat` summed."
+    keys = ("input_ids", "position_ids", "pair_label", "pair_w_tok", "pair_w_seq") + (("under_root",) if "under_root" in pieces[0] else ())
+    r = {k: [] for k in ("subtree_end", "pair_pos") + keys}; r["tokens_flat"] = 0
+    for p in pieces:
+        o = len(r["input_ids"])
+        r["subtree_end"] += [e + o for e in p["subtree_end"]]; r["pair_pos"] += [q + o for q in p["pair_pos"]]
+        for k in keys: r[k] += p[k]
+        r["tokens_flat"] += p["tokens_flat"]
+    return r
 
 def pack_rows(trees:list[Tree], max_tokens:int) -> list[dict]:
     "Packed rows (serialised trees side by side, block-diagonal attention) with their flat-token count."
-    out = []
-    for row in pack_trees(trees, max_tokens):
-        r = {k: [] for k in ("input_ids", "position_ids", "subtree_end", "pair_pos", "pair_label", "pair_w_tok", "pair_w_seq")}
-        for t in row:
-            s, o = serialize(t), len(r["input_ids"])
-            r["input_ids"] += s["input_ids"]; r["position_ids"] += s["position_ids"]
-            r["subtree_end"] += [e + o for e in s["subtree_end"]]; r["pair_pos"] += [p + o for p in s["pair_pos"]]
-            for k in ("pair_label", "pair_w_tok", "pair_w_seq"): r[k] += s[k]
-        r["tokens_flat"] = sum(flat_tokens(t) for t in row)
-        out.append(r)
-    return out
+    return [_concat([{**serialize(t), "tokens_flat": flat_tokens(t)} for t in row]) for row in pack_trees(trees, max_tokens)]
 
 def flat_tokens(tree:Tree) -> int:
     "Tokens the branches of `tree` would process as separate sequences (owned nodes only, so parts add up)."
@@ -320,7 +325,7 @@ def tree_loss(model, # a causal LM (HF); sdpa, eager or flex_attention
               batch:dict, # from `collate_tree_rows` / `collate_step` (on the model's device)
               ) -> tuple["torch.Tensor", Any]:
     "The weighted loss of a tree batch and the logits at the loss positions: sum over pairs of weight x CE(logits[pos], label)."
-    import torch, torch.nn.functional as F
+    import torch.nn.functional as F
     if "root_ids" in batch: return _rooted_loss(model, batch)
     mask = tree_mask_for(model, batch["subtree_end"])
     kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
@@ -679,7 +684,7 @@ def pack_step(trees:list[Tree], # the trees of one optimizer step
     (`ROW_KEYS` + `under_root`: 1 where a token descends from the shared prefix and may attend to it)."""
     big = max(trees, key=lambda t: (t.count[0], t.n_tokens))
     P = sum(len(big.tokens[i]) for i in _shared_chain(big)) if share_root and big.count[0] > 1 else 0
-    item = {k: [] for k in STEP_KEYS}; pieces = []
+    item = {**{k: [] for k in STEP_KEYS}, "root_tokens_flat": 0}; pieces = []
     for t in trees:
         shared = P > 0 and t is big
         budget = max(max_tokens + (P if shared else 0), t.max_depth)     # a path longer than a row gets a row of its own
@@ -696,23 +701,9 @@ def pack_step(trees:list[Tree], # the trees of one optimizer step
                      **{k: [s[k][j] for j in keep] for k in PAIR_KEYS[1:]}, "under_root": [int(shared)] * (len(s["input_ids"]) - cut),
                      "tokens_flat": flat_tokens(part)}
             if piece["input_ids"]: pieces.append(piece)
-            elif piece["tokens_flat"]: item.setdefault("_flat_extra", 0); item["_flat_extra"] += piece["tokens_flat"]
-    rows, room = [], []                                    # first-fit decreasing over the serialised pieces
-    for pc in sorted(pieces, key=lambda pc: -len(pc["input_ids"])):
-        for r, free in enumerate(room):
-            if len(pc["input_ids"]) <= free: rows[r].append(pc); room[r] -= len(pc["input_ids"]); break
-        else: rows.append([pc]); room.append(max_tokens - len(pc["input_ids"]))
-    for k in ROW_KEYS + ("under_root",): item[k] = []
-    for row in rows:
-        r = {k: [] for k in ROW_KEYS + ("under_root",)}; r["tokens_flat"] = 0
-        for pc in row:
-            o = len(r["input_ids"])
-            r["subtree_end"] += [e + o for e in pc["subtree_end"]]; r["pair_pos"] += [q + o for q in pc["pair_pos"]]
-            for k in ("input_ids", "position_ids", "pair_label", "pair_w_tok", "pair_w_seq", "under_root"): r[k] += pc[k]
-            r["tokens_flat"] += pc["tokens_flat"]
-        for k in r: item[k].append(r[k])
-    if item["tokens_flat"]: item["tokens_flat"][0] += item.pop("_flat_extra", 0)
-    else: item.pop("_flat_extra", None)
+            else: item["root_tokens_flat"] += piece["tokens_flat"]     # a part wholly inside the shared prefix
+    rows = [_concat(row) for row in _ffd(pieces, lambda pc: len(pc["input_ids"]), max_tokens)]
+    for k in ROW_KEYS + ("under_root",): item[k] = [r[k] for r in rows]
     return item
 
 def tree_step_dataset(seqs:list[dict], # tokenized trajectories (`build_trees` input: `input_ids`, `loss_mask`, ...)
@@ -747,6 +738,8 @@ def tree_step_data(train_seqs:list[dict], valid_seqs:list[dict], # tokenized tra
     n = max(1, math.ceil(params["eval_samples"] * params["seq_len"] / step))   # as many flat tokens as `eval_samples` rows
     return train, valid.select(range(min(n, len(valid))))
 
+def _is_tree(inputs:dict) -> bool: return "pair_index" in inputs or "root_ids" in inputs
+
 def _rows_of(features:list[dict]) -> list[dict]:
     "Packed rows of a batch: step items (`tree_step_dataset`, lists of rows, maybe none) are unrolled; row items pass through."
     step = features and ("root_ids" in features[0] or (features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list)))
@@ -774,7 +767,7 @@ def collate_step(features:list[dict], pad_token_id:int=0, normalize:str="branch"
               "root_pair_index": torch.tensor(f["root_pair_pos"], dtype=torch.long),
               "root_pair_label": torch.tensor(f["root_pair_label"], dtype=torch.long), "root_pair_weight": w[:len(wr)]})
     b["tokens_tree"] = b["tokens_tree"] + len(f["root_ids"])
-    b["tokens_flat"] = torch.tensor(sum(f["tokens_flat"]))
+    b["tokens_flat"] = torch.tensor(sum(f["tokens_flat"]) + f["root_tokens_flat"])
     b.setdefault("labels", torch.full((1, 1), -100))
     return b
 
@@ -789,14 +782,14 @@ class TreeLossMixin:
     "Trainer mixin: batches from `TreeCollator` get the exact tree loss; token accounting goes into the logs."
     loss_is_scaled_for_ga = False          # a per-micro-batch mean: Trainer divides by the accumulation steps
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "pair_index" not in inputs and "root_ids" not in inputs: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not _is_tree(inputs): return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, out = tree_loss(model, inputs)
         if model.training:
             acc = self.__dict__.setdefault("_tree_acc", [0, 0])
             acc[0] += int(inputs["tokens_flat"]); acc[1] += int(inputs["tokens_tree"])
         return (loss, out) if return_outputs else loss
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        tree = "pair_index" in inputs or "root_ids" in inputs      # tree batches: the loss only (logits of packed rows mean nothing per row)
+        tree = _is_tree(inputs)            # tree batches: the loss only (logits of packed rows mean nothing per row)
         return super().prediction_step(model, inputs, prediction_loss_only or tree, ignore_keys)
     def log(self, logs:dict, *args, **kw):
         acc = self.__dict__.get("_tree_acc")
