@@ -72,11 +72,11 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
     model.config.use_cache = False            # exact packed attention (kat_nb.train)
     seq_len, packing = params["seq_len"], params["packing"]
     Trainer, collator = SFTTrainer, PackedCollator(tok.pad_token_id)
+    tree_args = {}
     if params.get("tree_packing"):
-        from kat_nb.tree import TREE_STEP_ARGS, TreeCollator, tree_step_data, tree_trainer
-        train_ds, valid_ds = tree_step_data(sft_tree_seqs(train_rows, tok, seq_len), sft_tree_seqs(valid_rows, tok, seq_len), params,
-                                            model, tok, seed, world_size())
-        Trainer, collator = tree_trainer(SFTTrainer), TreeCollator(tok.pad_token_id, normalize=params.get("tree_normalize", "token"))
+        from kat_nb.tree import tree_training
+        train_ds, valid_ds, Trainer, collator, tree_args = tree_training(
+            sft_tree_seqs(train_rows, tok, seq_len), sft_tree_seqs(valid_rows, tok, seq_len), params, model, tok, seed, world_size(), SFTTrainer)
     else:
         train_ds, valid_ds = sft_dataset(train_rows, tok, seq_len, packing), sft_dataset(valid_rows, tok, seq_len, packing)
         valid_ds = valid_ds.select(range(min(params["eval_samples"], len(valid_ds))))
@@ -87,7 +87,6 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
         from dvclive import Live
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
-    tree_args = TREE_STEP_ARGS if params.get("tree_packing") else {}
     args = midtrain_args(params, out_dir, seed, eval_on_start=not resume, **tree_args)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
                       data_collator=collator, callbacks=[_live_callback(live, say, start_file)])

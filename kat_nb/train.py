@@ -208,11 +208,11 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
     model.config.use_cache = False            # exact packed attention (see above)
     packing, seq_len = params["packing"], params["seq_len"]
     Trainer, collator = SFTTrainer, PackedCollator(tok.pad_token_id)
+    tree_args = {}
     if params.get("tree_packing"):            # documents sharing prefixes become prefix trees (exact; kat_nb.tree)
-        from kat_nb.tree import TREE_STEP_ARGS, TreeCollator, tree_step_data, tree_trainer
-        train_ds, valid_ds = tree_step_data(tree_rows(train_rows, tok, seq_len), tree_rows(valid_rows, tok, seq_len), params,
-                                            model, tok, seed, world_size())
-        Trainer, collator = tree_trainer(SFTTrainer), TreeCollator(tok.pad_token_id, normalize=params.get("tree_normalize", "token"))
+        from kat_nb.tree import tree_training
+        train_ds, valid_ds, Trainer, collator, tree_args = tree_training(
+            tree_rows(train_rows, tok, seq_len), tree_rows(valid_rows, tok, seq_len), params, model, tok, seed, world_size(), SFTTrainer)
     else:
         train_ds = lm_dataset(map(row_text, train_rows), tok, seq_len, packing)
         valid_ds = lm_dataset(map(row_text, valid_rows), tok, seq_len, packing)
@@ -226,7 +226,6 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
     curves = _live_callback(live, say, start_file)
-    tree_args = TREE_STEP_ARGS if params.get("tree_packing") else {}
     args = midtrain_args(params, out_dir, seed, eval_on_start=not resume, **tree_args)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
                       data_collator=collator, callbacks=[curves])

@@ -15,8 +15,8 @@ __all__ = ['TREE_KEYS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'T
            'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer', 'bpe_tokenizer', 'tokenizer_fingerprint',
            'check_trees', 'render_pieces', 'tokenize_messages', 'branching_traces', 'split_trace', 'trees_from_traces',
            'tree_dataset', 'step_groups', 'pack_step', 'tree_step_dataset', 'tree_step_data', 'collate_step',
-           'TreeCollator', 'TreeLossMixin', 'tree_trainer', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step',
-           'peak_rss_mb', 'bench_tree', 'compare_training']
+           'TreeCollator', 'TreeLossMixin', 'tree_trainer', 'tree_training', 'tree_sft_args', 'node_entropy',
+           'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree', 'compare_training']
 
 # %% ../nbs/lib/12_tree.ipynb #05fa1fec
 @dataclass
@@ -678,11 +678,12 @@ PAIR_KEYS = ("pair_pos", "pair_label", "pair_w_tok", "pair_w_seq")
 
 def pack_step(trees:list[Tree], # the trees of one optimizer step
               max_tokens:int, # token budget of a row (the shared prefix not counted; a longer root-to-leaf path gets its own row)
-              share_root:bool=True, # compute the prefix all branches of the largest tree share once, outside the rows
+              share_root:bool=True, # compute the prefix all branches of one tree share once, outside the rows
+              shared:Tree|None=None, # that tree (one of `trees`); None: the tree with the most branches
              ) -> dict:
     """One step as an item: the shared prefix (`root_*`: its tokens and the loss pairs it predicts) and the packed rows
     (`ROW_KEYS` + `under_root`: 1 where a token descends from the shared prefix and may attend to it)."""
-    big = max(trees, key=lambda t: (t.count[0], t.n_tokens))
+    big = shared if shared is not None else max(trees, key=lambda t: (t.count[0], t.n_tokens))
     P = sum(len(big.tokens[i]) for i in _shared_chain(big)) if share_root and big.count[0] > 1 else 0
     item = {**{k: [] for k in STEP_KEYS}, "root_tokens_flat": 0}; pieces = []
     for t in trees:
@@ -718,9 +719,39 @@ def tree_step_dataset(seqs:list[dict], # tokenized trajectories (`build_trees` i
     if not seqs: raise ValueError("no trajectories to train on (all empty or filtered out)")
     fp, items = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None, []
     for g in step_groups([len(s["input_ids"]) for s in seqs], step_tokens, seed):
-        trees = build_trees([seqs[i] for i in g], tokenizer=fp); check_trees(trees, model, tokenizer)
-        items.append(pack_step(trees, max_tokens, share_root))
+        group, big = [seqs[i] for i in g], None
+        ids = [s["input_ids"] for s in group]
+        sub = _best_shared_prefix(ids) if share_root else []
+        if 1 < len(sub) < len(group):     # the trajectories under the best prefix form their own tree; the rest theirs
+            inside = set(sub)
+            big, = build_trees([group[i] for i in sub], tokenizer=fp)
+            trees = [big] + build_trees([s for i, s in enumerate(group) if i not in inside], tokenizer=fp)
+        else: trees = build_trees(group, tokenizer=fp)
+        check_trees(trees, model, tokenizer)
+        items.append(pack_step(trees, max_tokens, share_root, big))
     return Dataset.from_list(items)
+
+def _best_shared_prefix(ids:list[list[int]]) -> list[int]:
+    """Indices of the trajectories whose common prefix saves the most computation when run once: the maximum of
+    prefix length x (trajectories - 1) over runs of the sorted trajectories (their prefix = the smallest adjacent overlap).
+    A step mixing prompt families (agent rows with tool schemas, short text rows with another system prompt) shares
+    the long tool-schema prefix of the agent rows; the largest tree's all-branch prefix would be a few tokens."""
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    def overlap(a, b):
+        n = 0
+        for x, y in zip(a, b):
+            if x != y: break
+            n += 1
+        return n
+    adj = [overlap(ids[order[k]], ids[order[k + 1]]) for k in range(len(order) - 1)]
+    best, span = 0, (0, 0)
+    for i in range(len(adj)):
+        m = adj[i]
+        for j in range(i, len(adj)):
+            m = min(m, adj[j])
+            if m == 0: break
+            if m * (j - i + 1) > best: best, span = m * (j - i + 1), (i, j + 1)
+    return sorted(order[span[0]:span[1] + 1]) if best else []
 
 TREE_STEP_ARGS = dict(per_device_train_batch_size=1, per_device_eval_batch_size=1, gradient_accumulation_steps=1)  # one item = one step
 
@@ -802,6 +833,17 @@ def tree_trainer(base=None) -> type:
     "`base` (default `transformers.Trainer`; e.g. TRL's `SFTTrainer`) with the tree loss: `tree_trainer(SFTTrainer)(...)`."
     if base is None: from transformers import Trainer as base
     return type(f"Tree{base.__name__}", (TreeLossMixin, base), {})
+
+def tree_training(train_seqs:list[dict], valid_seqs:list[dict], # tokenized trajectories
+                  params:dict, # a training section: global_batch_size, seq_len, tree_row_tokens, eval_samples, tree_normalize, tree_share_root
+                  model, tokenizer, seed:int=0, world:int=1,
+                  base=None, # the trainer class to extend (e.g. TRL's `SFTTrainer`)
+                 ) -> tuple:
+    "What a stage's `tree_packing` branch needs: `(train_ds, valid_ds, Trainer, collator, extra TrainingArguments)`."
+    train_ds, valid_ds = tree_step_data(train_seqs, valid_seqs, params, model, tokenizer, seed, world,
+                                        share_root=params.get("tree_share_root", True))
+    collator = TreeCollator(tokenizer.pad_token_id, normalize=params.get("tree_normalize", "token"))
+    return train_ds, valid_ds, tree_trainer(base), collator, TREE_STEP_ARGS
 
 # %% ../nbs/lib/12_tree.ipynb #f0dbdbb6
 def tree_sft_args(out_dir:str, **kw):

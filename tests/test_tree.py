@@ -84,11 +84,15 @@ def test_step_items_equal_flat_steps(model, share_root, max_tokens):
 
 @pytest.mark.parametrize("seqs", [[[3, 4, 5, 6]] * 3,                                   # identical: everything is the prefix
                                   [[3, 4, 5, 6], [3, 4, 5, 6, 7, 8]],                    # one branch is the other's prefix
-                                  [[3, 4, 5], [9, 8, 7, 6], [3, 4, 2]]])                 # a second tree beside the shared one
+                                  [[3, 4, 5], [9, 8, 7, 6], [3, 4, 2]],                  # a second tree beside the shared one
+                                  [[3] + list(range(20, 32)) + [40 + i, 41] for i in range(4)]    # two prompt families sharing
+                                  + [[3, 4, 5 + i, 6] for i in range(3)]])                         # only their first token
 def test_shared_prefix_corner_cases(model, seqs):
     seqs = [{"input_ids": s} for s in seqs]
     item = tree_step_dataset(seqs, step_tokens=10**6, max_tokens=8, seed=None, share_root=True)[0]
     assert item["root_ids"]
+    if len(seqs) == 7:   # the long prefix of the bigger family is shared, not the one token every trajectory starts with
+        assert item["root_ids"] == [3] + list(range(20, 32))
     model.zero_grad(); lt, _ = tree_loss(model, TreeCollator(normalize="token")([item])); lt.backward()
     gt = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(); lf = flat_loss(model, seqs, normalize="token"); lf.backward()
