@@ -96,6 +96,7 @@ class MidtrainParams(_Section):
     tree_packing: bool = False                   # merge documents sharing prefixes into prefix trees (exact; kat_nb.tree)
     tree_normalize: Literal["token", "branch"] = "token"  # token: mean over loss tokens; branch: mean of branch means
     tree_row_tokens: int = Field(2048, ge=16)    # tree packing: token budget of a packed row (one step = one group of trees)
+    tree_share_root: bool = True                 # tree packing: the prefix most of a step's documents share runs once (sdpa/eager only)
     activation_checkpointing: bool = False       # recompute activations in backward: memory for ~25% time (TRL turns it on by default)
     eval_steps: int = Field(100, ge=1)
     save_steps: int = Field(100, ge=1)
@@ -142,6 +143,7 @@ class SftParams(_Section):
     tree_packing: bool = False
     tree_normalize: Literal["token", "branch"] = "token"
     tree_row_tokens: int = Field(2048, ge=16)
+    tree_share_root: bool = True
     activation_checkpointing: bool = False
     eval_steps: int = Field(50, ge=1)
     save_steps: int = Field(50, ge=1)
