@@ -14,6 +14,7 @@ models/midtrain). Variants are patches of `kat_nb.world` made here, in this proc
 Measured (2 cores, seed 0, 600 steps, from the pipeline's models/midtrain; +-5 points is noise at 100 tasks):
   base 24% | reorder 24% | pipe 19% | line 27% | notools 28% (twice the trajectories per step) | base lr 8e-3 18%
   base from a midtrain with seq_len 1024 (SFT start loss 0.47 instead of 1.33) 23% | a 4-layer model 16% (2x time)
+  1200 steps: line 36% (381 s; seen kinds 54%, comparison_flip 79%, operator_swap 86%, off_by_one 62%);
   earlier runs: base 1000 steps 31%, 1800 steps 35%.
 Usage: python scripts/sft_ablation.py NAME VARIANT STEPS ['{"lr": 3e-3, "init": "models/midtrain", <sft param>: ...}']"""
 import json, random, shutil, sys, time
