@@ -679,11 +679,11 @@ PAIR_KEYS = ("pair_pos", "pair_label", "pair_w_tok", "pair_w_seq")
 def pack_step(trees:list[Tree], # the trees of one optimizer step
               max_tokens:int, # token budget of a row (the shared prefix not counted; a longer root-to-leaf path gets its own row)
               share_root:bool=True, # compute the prefix all branches of one tree share once, outside the rows
-              shared:Tree|None=None, # that tree (one of `trees`); None: the tree with the most branches
+              root_tree:Tree|None=None, # that tree (one of `trees`); None: the tree with the most branches
              ) -> dict:
     """One step as an item: the shared prefix (`root_*`: its tokens and the loss pairs it predicts) and the packed rows
     (`ROW_KEYS` + `under_root`: 1 where a token descends from the shared prefix and may attend to it)."""
-    big = shared if shared is not None else max(trees, key=lambda t: (t.count[0], t.n_tokens))
+    big = root_tree if root_tree is not None else max(trees, key=lambda t: (t.count[0], t.n_tokens))
     P = sum(len(big.tokens[i]) for i in _shared_chain(big)) if share_root and big.count[0] > 1 else 0
     item = {**{k: [] for k in STEP_KEYS}, "root_tokens_flat": 0}; pieces = []
     for t in trees:
@@ -712,7 +712,7 @@ def tree_step_dataset(seqs:list[dict], # tokenized trajectories (`build_trees` i
                       max_tokens:int, # token budget of one packed row
                       seed:int=0, # grouping shuffle
                       model=None, tokenizer=None, # checked against the trees (`check_trees`)
-                      share_root:bool=True, # the prefix shared by a step's largest tree computed once (see `pack_step`)
+                      share_root:bool=True, # the prefix that saves most in a step computed once (`_best_shared_prefix`, `pack_step`)
                      ):
     "A `datasets.Dataset` with one item per optimizer step: that step's trajectories merged into trees, packed (`pack_step`)."
     from datasets import Dataset
