@@ -144,6 +144,7 @@ class SftParams(_Section):
     tree_normalize: Literal["token", "branch"] = "token"
     tree_row_tokens: int = Field(2048, ge=16)
     tree_share_root: bool = True
+    turn_weights: Optional[dict[str, float]] = None   # {tool: loss weight} of assistant turns calling it (tree packing only)
     activation_checkpointing: bool = False
     eval_steps: int = Field(50, ge=1)
     save_steps: int = Field(50, ge=1)

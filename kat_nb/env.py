@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, time
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Iterable, Protocol, runtime_checkable
 from .world import Task, Workspace, TOOLS, SYSTEM_PROMPT, run_hidden_tests, teacher_trajectory
 from .model import parse_assistant, render_chat
 
@@ -113,7 +113,9 @@ class TeacherPolicy:
         return out
 
 # %% ../nbs/lib/10_env.ipynb #e5167e4d
-def summarize(records:list[dict]) -> dict:
+def summarize(records:list[dict],
+              unseen_kinds:Iterable[str]=(), # bug kinds no training task had: resolve rates of seen and unseen kinds apart
+             ) -> dict:
     "Suite metrics: resolve rate (= pass@1 for one greedy sample), mean turns, tool-error rate, per family and bug kind."
     scored = [r for r in records if not r.get("env_error")]
     steps = [s for r in scored for s in r["steps"]]
@@ -124,6 +126,10 @@ def summarize(records:list[dict]) -> dict:
     for key in ("family", "bug_kind"):
         for v in sorted({r.get(key) for r in scored if r.get(key)}):
             out[f"{key}/{v}/resolve_rate"] = rate([r for r in scored if r.get(key) == v])
+    unseen = set(unseen_kinds)
+    if unseen and any(r.get("bug_kind") for r in scored):
+        for name, rs in (("seen", [r for r in scored if r.get("bug_kind") not in unseen]), ("unseen", [r for r in scored if r.get("bug_kind") in unseen])):
+            out[f"{name}_kinds/tasks"], out[f"{name}_kinds/resolve_rate"] = len(rs), rate(rs)
     return out
 
 # %% ../nbs/lib/10_env.ipynb #c61770af

@@ -77,7 +77,10 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
     if suite == "world":
         tasks = [Task.from_dict(d) for d in read_jsonl(Path(data_dir)/"world"/"test.jsonl")][:world_tasks]
         records = run_episodes(tasks, policy, max_turns=max_turns, tool_timeout=tool_timeout)
-        return summarize(records), records
+        train = Path(data_dir)/"world"/"train.jsonl"          # kinds no training task has: the unseen-family figure
+        seen = {d.get("meta", {}).get("bug_kind") for d in read_jsonl(train)} if train.exists() else set()
+        unseen = {t.meta.get("bug_kind") for t in tasks} - seen if seen else set()
+        return summarize(records, unseen), records
     if suite == "humaneval":
         return evaluate_humaneval("teacher" if checkpoint == "teacher" else policy, humaneval_problems_n, tool_timeout)
     raise ValueError(f"unknown suite {suite!r} (world, humaneval)")

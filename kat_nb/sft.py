@@ -12,21 +12,65 @@ from .core import from_root, set_seed
 from .train import PackedCollator, _deepspeed_without_jit, _live_callback, last_checkpoint, midtrain_args, train_and_save, trim_live, world_size
 
 # %% auto #0
-__all__ = ['sft_tokenize', 'sft_dataset', 'sft_tree_seqs', 'run_sft', 'bench_sft_rows', 'bench_sft']
+__all__ = ['turn_weight', 'weight_turns', 'sft_tokenize', 'sft_dataset', 'sft_tree_seqs', 'run_sft', 'bench_sft_rows',
+           'bench_sft']
 
 # %% ../nbs/lib/13_sft.ipynb #13de569c
+def _turn_spans(mask:list[int], n_turns:int, row_id) -> list[tuple[int, int]]:
+    "The token span of each assistant turn: the runs of 1s of the chat template's assistant mask, one per turn."
+    runs, i = [], 0
+    while i < len(mask):
+        if mask[i]:
+            j = i
+            while j < len(mask) and mask[j]: j += 1
+            runs.append((i, j)); i = j
+        else: i += 1
+    if len(runs) != n_turns:
+        raise ValueError(f"row {row_id}: {n_turns} assistant turns but {len(runs)} generation spans in the chat template's mask")
+    return runs
+
+def turn_weight(msg:dict) -> float:
+    "An assistant message's loss weight: 0 with `\"loss\": false` (error-masked), else its `loss_weight` (default 1)."
+    if msg.get("loss", True) is False: return 0.0
+    w = msg.get("loss_weight", 1.0)
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0: raise ValueError(f"loss_weight must be a number >= 0, got {w!r}")
+    return float(w)
+
+def weight_turns(row:dict, # a chat row
+                 tool_weights:dict[str, float]|None, # {tool name: loss weight} (params `sft.turn_weights`)
+                ) -> dict:
+    """Give every assistant turn that calls one of these tools that `loss_weight` (a new row; the rest keep theirs).
+    The tiny profile weights `edit` turns: the diagnosis (which line, what change) is ~5 tokens of a ~170-token
+    trajectory whose other turns the model learns early; see `sft.turn_weights` in params.yaml."""
+    if not tool_weights: return row
+    def w(msg):
+        names = [c.get("function", {}).get("name") for c in msg.get("tool_calls") or []]
+        hit = [tool_weights[n] for n in names if n in tool_weights]
+        return {**msg, "loss_weight": max(hit)} if msg.get("role") == "assistant" and hit else msg
+    return {**row, "messages": [w(m) for m in row["messages"]]}
+
 def sft_tokenize(rows:list[dict], # chat rows: `messages` (+ `tools`)
                  tokenizer, # a tokenizer carrying the project chat template
+                 weights:bool=False, # also return per-token loss `weights` (the tree path); else weights other than 0/1 are an error
                 ) -> dict[str, list]:
-    "`input_ids` and `labels` (-100 outside assistant turns) of every row."
-    ids, labels = [], []
+    """`input_ids` and `labels` (-100 outside assistant turns) of every row (+ `weights`).
+    An assistant message with `"loss": false` is context only (error-masked SFT: a failed step the trajectory
+    recovers from is seen, never imitated); one with `"loss_weight": w` counts w times in the loss (tree path only)."""
+    ids, labels, ws = [], [], []
     for r in rows:
+        rid = r.get("id", r.get("task_id", "?"))
         enc = tokenizer.apply_chat_template(r["messages"], tools=r.get("tools") or None, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-        x, m = list(enc["input_ids"]), enc["assistant_masks"]
-        if not any(m): raise ValueError(f"row {r.get('id', '?')}: no assistant tokens to train on")
-        ids.append(x); labels.append([t if k else -100 for t, k in zip(x, m)])
-    return {"input_ids": ids, "labels": labels}
+        x, m = list(enc["input_ids"]), [float(v) for v in enc["assistant_masks"]]
+        turns = [turn_weight(msg) for msg in r["messages"] if msg.get("role") == "assistant"]
+        if any(t != 1.0 for t in turns):
+            for (a, b), t in zip(_turn_spans(m, len(turns), rid), turns): m[a:b] = [t] * (b - a)
+            if not weights and any(t not in (0.0, 1.0) for t in turns):
+                raise ValueError(f"row {rid}: loss_weight {max(turns):g} needs per-token weights, which only tree packing "
+                                 "trains with (set tree_packing: true, or drop turn_weights)")
+        if not any(m): raise ValueError(f"row {rid}: no assistant tokens to train on")
+        ids.append(x); labels.append([t if k else -100 for t, k in zip(x, m)]); ws.append(m)
+    return {"input_ids": ids, "labels": labels, **({"weights": ws} if weights else {})}
 
 # %% ../nbs/lib/13_sft.ipynb #99c97b53
 def sft_dataset(rows:list[dict], tokenizer, seq_len:int, packing:bool=True):
@@ -39,11 +83,11 @@ def sft_dataset(rows:list[dict], tokenizer, seq_len:int, packing:bool=True):
     return Dataset.from_dict({k: [x[:seq_len] for x in v] for k, v in enc.items()})
 
 def sft_tree_seqs(rows:list[dict], tokenizer, seq_len:int) -> list[dict]:
-    "Chat rows as token sequences with the assistant-only loss mask for `kat_nb.tree` (cut at `seq_len`, as the flat packing does)."
-    enc, out = sft_tokenize(rows, tokenizer), []
-    for x, y in zip(enc["input_ids"], enc["labels"]):
+    "Chat rows as token sequences with the assistant-only loss mask (per-token weights) for `kat_nb.tree` (cut at `seq_len`, as the flat packing does)."
+    enc, out = sft_tokenize(rows, tokenizer, weights=True), []
+    for x, w in zip(enc["input_ids"], enc["weights"]):
         for i in range(0, len(x), seq_len):
-            p = {"input_ids": x[i:i + seq_len], "loss_mask": [int(t != -100) for t in y[i:i + seq_len]]}
+            p = {"input_ids": x[i:i + seq_len], "loss_mask": [int(v) if v in (0.0, 1.0) else v for v in w[i:i + seq_len]]}
             if len(p["input_ids"]) > 1 and any(p["loss_mask"][1:]): out.append(p)
     return out
 
@@ -71,6 +115,11 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
     model = AutoModelForCausalLM.from_pretrained(str(init_dir), attn_implementation=params.get("attn_implementation", "sdpa"))
     model.config.use_cache = False            # exact packed attention (kat_nb.train)
     seq_len, packing = params["seq_len"], params["packing"]
+    if params.get("turn_weights"):                   # training rows only: the validation loss stays the plain assistant mean
+        if not params.get("tree_packing"):
+            raise ValueError(f"sft.turn_weights {params['turn_weights']} needs tree_packing: true (the flat packed path "
+                             "trains every assistant token with weight 1)")
+        train_rows = [weight_turns(r, params["turn_weights"]) for r in train_rows]
     Trainer, collator = SFTTrainer, PackedCollator(tok.pad_token_id)
     tree_args = {}
     if params.get("tree_packing"):

@@ -26,7 +26,7 @@ from kat_nb.sft import run_sft
 
 name, variant, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-if variant not in ("base", "reorder", "pipe", "line", "notools"): sys.exit(f"unknown variant {variant!r}")
+if variant not in ("base", "reorder", "pipe", "line", "notools", "recover", "quote"): sys.exit(f"unknown variant {variant!r}")
 out = Path("build/ablation")/name
 library_teacher, library_edit = W.teacher_trajectory, W._edit
 
@@ -60,6 +60,15 @@ if variant == "line":
         return f"Edited {path} (line {line}).", None
     W._check_args, W._edit, W._HANDLERS["edit"] = _check_args, _edit_line, _edit_line
 
+if variant == "quote":          # the reflection quotes the buggy line (a copy from the file view) before saying what is wrong
+    library_reason = W._reason
+    def _reason_quoted(task):
+        r, m = library_reason(task), task.meta
+        if m["bug_kind"] == "missing_branch": return r
+        line = task.files[m["module"]].splitlines()[m["bug_line"] - 1]
+        return r.replace(f"line {m['bug_line']}: ", f"line {m['bug_line']} `{line}`: ", 1)
+    W._reason = _reason_quoted
+
 def _edit_args(task):
     m = task.meta
     if variant == "line" and m["bug_kind"] != "missing_branch" and m["after"]:
@@ -70,7 +79,7 @@ def _edit_args(task):
     return {"path": m["module"], "old": m["edit"]["old"], "new": m["edit"]["new"]}
 
 def variant_trajectory(task, seed=0):
-    if variant in ("base", "pipe"): return library_teacher(task, seed)
+    if variant in ("base", "pipe", "recover", "quote"): return library_teacher(task, seed)
     if variant == "notools": return {**library_teacher(task, seed), "tools": None}
     rng, m = random.Random(f"teacher:{task.id}:{seed}"), task.meta
     mod, reason = m["module"], W._reason(task)
@@ -94,12 +103,40 @@ W.teacher_trajectory = variant_trajectory          # teacher_trajectories (worke
 shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
 tasks = lambda split: [W.Task.from_dict(d) for d in read_jsonl(f"data/world/{split}.jsonl")]
 train = [r for r in W.teacher_trajectories(tasks("train"), workers=2) if r["resolved"]]
+if variant == "recover":        # + a recovery trajectory (failed edit, error-masked) for a share of the tasks
+    share = extra.pop("recover_share", 0.5); pick = [t for t in tasks("train") if random.Random(t.id).random() < share]
+    train += [W.error_masked(r) for r in (library_teacher(t, mistake=True) for t in pick) if r["resolved"]]
 valid = [variant_trajectory(t) for t in tasks("valid")]
 p = dict(max_steps=steps, learning_rate=extra.pop("lr", 3e-3), lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0,
          global_batch_size=8, per_device_batch_size=8, seq_len=1024, packing=True, tree_packing=True, tree_normalize="token",
          tree_row_tokens=512, tree_share_root=True, activation_checkpointing=False, eval_steps=10**6, save_steps=10**6,
          logging_steps=100, save_total_limit=1, eval_samples=32, deepspeed=None, use_cpu=True, bf16=False)
-init = extra.pop("init", "models/midtrain"); p.update(extra)
+init = extra.pop("init", "models/midtrain")
+edit_weight = extra.pop("edit_weight", 1.0)
+if edit_weight != 1.0:          # the loss of the turn that makes the edit (the diagnosis) counts edit_weight times
+    import kat_nb.sft as S
+    def weighted_tree_seqs(rows, tok, seq_len):
+        out = []
+        for r in rows:
+            enc = tok.apply_chat_template(r["messages"], tools=r.get("tools") or None, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            x, m = list(enc["input_ids"]), [float(v) for v in enc["assistant_masks"]]
+            turns = [msg for msg in r["messages"] if msg["role"] == "assistant"]
+            runs, i = [], 0
+            while i < len(m):
+                if m[i]:
+                    j = i
+                    while j < len(m) and m[j]: j += 1
+                    runs.append((i, j)); i = j
+                else: i += 1
+            assert len(runs) == len(turns)
+            for (a, b), msg in zip(runs, turns):
+                if msg.get("loss") is False: m[a:b] = [0.0] * (b - a)
+                elif any(c["function"]["name"] == "edit" for c in msg.get("tool_calls") or []): m[a:b] = [edit_weight] * (b - a)
+            for k in range(0, len(x), seq_len):
+                if len(x[k:k + seq_len]) > 1 and any(m[k + 1:k + seq_len]): out.append({"input_ids": x[k:k + seq_len], "loss_mask": m[k:k + seq_len]})
+        return out
+    S.sft_tree_seqs = weighted_tree_seqs
+p.update(extra)
 t0 = time.time(); m = run_sft(train, valid, init, p, out/"model", None, seed=0); t1 = time.time()
 if variant == "notools":
     import kat_nb.env; kat_nb.env.TOOLS = None

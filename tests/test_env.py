@@ -19,6 +19,11 @@ def test_teacher_resolves_held_out_tasks_through_the_environment(world):
     assert m["resolve_rate"] >= 0.95, m
     assert m["bug_kind/wrong_variable/resolve_rate"] >= 0.95, m      # the held-out kind too
     assert m["tool_error_rate"] == 0.0
+    split = summarize(recs, ["wrong_variable"])
+    assert split["seen_kinds/tasks"] + split["unseen_kinds/tasks"] == 100 and split["unseen_kinds/tasks"] == round(100 / 3)
+    assert split["unseen_kinds/resolve_rate"] == m["bug_kind/wrong_variable/resolve_rate"] and "seen_kinds/tasks" not in m
+    fails = [{**r, "resolved": r["bug_kind"] != "wrong_variable"} for r in recs]
+    assert summarize(fails, ["wrong_variable"])["seen_kinds/resolve_rate"] == 1.0 and summarize(fails, ["wrong_variable"])["unseen_kinds/resolve_rate"] == 0.0
 
 
 def test_rollout_records_have_the_teacher_schema(world):

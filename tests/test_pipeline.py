@@ -57,7 +57,9 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     assert (smoke_repo/"runs"/"03_midtrain.ipynb").exists()
     sft = json.loads((smoke_repo/"metrics"/"sft.json").read_text())                # SFT after mid-training, scored by eval
     assert sft["val_loss_end"] < sft["val_loss_start"] and (smoke_repo/"data"/"sft"/"coverage.json").exists(), sft
-    assert "resolve_rate" in json.loads((smoke_repo/"metrics"/"sft"/"world.json").read_text())
+    world = json.loads((smoke_repo/"metrics"/"sft"/"world.json").read_text())
+    assert "resolve_rate" in world and world["unseen_kinds/tasks"] >= 1 and world["seen_kinds/tasks"] >= 1, world   # the held-out kind apart
+    assert set(json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_by_kind"]["sft"]) == {"seen", "unseen"}
 
     t0 = time.time(); r2 = _sh(["dvc", "repro"], smoke_repo)
     assert "Running stage" not in r2.stdout and time.time() - t0 < 60, r2.stdout

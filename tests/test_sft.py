@@ -105,6 +105,46 @@ def test_assistant_only_mask(tiny_sft):
     assert user not in text and "Plan:" in text and "<tool_call>" in text
 
 
+def test_error_masked_turns_carry_no_loss(tiny_sft):
+    from kat_nb.sft import sft_tokenize
+    from kat_nb.world import error_masked, make_world, teacher_trajectory
+    _, tok, _ = tiny_sft
+    task = make_world(0, 6, 1, 1)["train"][0]
+    rec = teacher_trajectory(task, mistake=True)
+    (x, y), (_, y_raw) = [(a, b) for a, b in zip(*sft_tokenize([error_masked(rec), rec], tok).values())]
+    trained, raw = tok.decode([t for t in y if t != -100]), tok.decode([t for t in y_raw if t != -100])
+    wrong, fix = rec["messages"][6]["content"], rec["messages"][8]["content"]
+    assert wrong in raw and wrong not in trained and fix in trained and len(trained) < len(raw)
+    assert sum(t != -100 for t in y) == sum(t != -100 for t in sft_tokenize([teacher_trajectory(task)], tok)["labels"][0])
+    with pytest.raises(ValueError, match="no assistant tokens"):
+        sft_tokenize([{**rec, "messages": [{**m, "loss": False} if m["role"] == "assistant" else m for m in rec["messages"]]}], tok)
+
+
+def test_turn_weights(tiny_sft):
+    from kat_nb.sft import run_sft, sft_tokenize, sft_tree_seqs, weight_turns
+    from kat_nb.world import make_world, teacher_trajectory
+    rows, tok, d = tiny_sft
+    rec = teacher_trajectory(make_world(0, 6, 1, 1)["train"][0])
+    w = weight_turns(rec, {"edit": 4.0})
+    assert [m.get("loss_weight") for m in w["messages"] if m["role"] == "assistant"] == [None, None, 4.0, None, None]
+    assert "loss_weight" not in str(rec) and weight_turns(rec, None) is rec
+    enc = sft_tokenize([w], tok, weights=True)
+    x, ws = enc["input_ids"][0], enc["weights"][0]
+    edit_text = tok.decode([t for t, v in zip(x, ws) if v == 4.0])
+    assert rec["messages"][6]["content"] in edit_text and "run_tests" not in edit_text and set(ws) == {0.0, 1.0, 4.0}
+    assert [int(v > 0) for v in ws] == [int(v > 0) for v in sft_tokenize([rec], tok, weights=True)["weights"][0]]
+    seqs = sft_tree_seqs([w], tok, 4096)
+    assert seqs[0]["loss_mask"] == [int(v) if v in (0.0, 1.0) else v for v in ws]
+    with pytest.raises(ValueError, match="tree_packing"): sft_tokenize([w], tok)       # the flat path has no per-token weights
+    with pytest.raises(ValueError, match="loss_weight must be a number"):
+        sft_tokenize([{**rec, "messages": [{**m, "loss_weight": "x"} for m in rec["messages"]]}], tok)
+    p = dict(max_steps=1, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, global_batch_size=2,
+             per_device_batch_size=2, seq_len=1024, packing=True, tree_packing=False, turn_weights={"edit": 4.0}, eval_steps=1,
+             save_steps=1, logging_steps=1, save_total_limit=1, eval_samples=2, deepspeed=None, use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="sft.turn_weights .* needs tree_packing"):
+        run_sft(rows, rows[:2], d/"init", p, d/"weighted", None, echo=None)
+
+
 def test_resume(tiny_sft):
     from kat_nb.sft import run_sft
     rows, tok, d = tiny_sft

@@ -2,13 +2,14 @@
 import ast, difflib, hashlib, inspect, json, os, random, subprocess, sys, time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 
 from kat_nb.sandbox import execute
-from kat_nb.world import (BUG_KINDS, TEMPLATES, TOOLS, Task, Workspace, bug_sites, check_task, compatible_templates,
+from kat_nb.world import (BUG_KINDS, TEMPLATES, TOOLS, Task, Workspace, bug_sites, check_task, compatible_templates, error_masked,
                           inject_bug, make_world, run_hidden_tests, teacher_trajectory, trajectory_chars)
 
 
@@ -181,7 +182,27 @@ def test_teacher_resolves_train_and_test_tasks(world, pool):
     chars = [trajectory_chars(r)["assistant"] for r in recs]
     assert 200 <= sum(chars) / len(chars) <= 450, sum(chars) / len(chars)
     edits = [r["messages"][6]["tool_calls"][0]["function"]["arguments"] for r in recs]
-    assert all(e["old"] in t.files[t.meta["module"]].splitlines() or "\n" in e["old"] for e, t in zip(edits, tasks))
+    lines = [t.files[t.meta["module"]].splitlines() for t in tasks]
+    assert all(e["old"] in ls or "\n" in e["old"] for e, ls in zip(edits, lines) if "line" not in e)   # whole lines
+    scoped = [e for e in edits if "line" in e]                      # line-scoped: only the changed text, unique on its line
+    assert len(scoped) >= len(edits) // 2 and all(ls[e["line"] - 1].count(e["old"]) == 1 for e, ls in zip(edits, lines) if "line" in e)
+
+
+def test_teacher_recovers_from_a_rejected_edit(world, pool):
+    tasks = world["train"][:40]
+    recs = list(pool.map(partial(teacher_trajectory, mistake=True), tasks, chunksize=10))
+    for rec, t in zip(recs, tasks):
+        _check_record(rec, t)
+        assert rec["resolved"] and [s["tool"] for s in rec["steps"]] == ["view_file", "run_tests", "edit", "edit", "run_tests", "submit"]
+        assert [s["status"] for s in rec["steps"]] == ["ok", "ok", "error", "ok", "ok", "ok"]
+        bad = rec["messages"][6]["tool_calls"][0]["function"]["arguments"]
+        assert bad["line"] != t.meta["bug_line"] and rec["messages"][7]["content"].startswith("Error: edit: old text occurs 0 times")
+        assert rec["messages"][8] == teacher_trajectory(t)["messages"][6]    # then the clean trajectory's edit
+        masked = error_masked(rec)
+        assert [i for i, m in enumerate(masked["messages"]) if m.get("loss") is False] == [6]
+        assert rec["messages"][6].get("loss") is None                       # the record itself is not changed
+    clean = teacher_trajectory(tasks[0])
+    assert error_masked(clean) is clean and teacher_trajectory(tasks[0], mistake=True) == recs[0]
 
 
 def test_teacher_is_deterministic(world):
@@ -191,6 +212,21 @@ def test_teacher_is_deterministic(world):
 
 
 # --- tools ----------------------------------------------------------------------------------------
+
+def test_line_scoped_edit():
+    src = "def f(x):\n    if x < 1:\n        return x + 1\n    return x - 1\n"
+    with Workspace({"m.py": src}) as ws:
+        for args, err in [({"line": 2, "old": ">", "new": "<"}, "occurs 0 times on line 2"), ({"line": 9, "old": "x", "new": "y"}, "has no line 9"),
+                          ({"line": 3, "old": "r", "new": "R"}, "occurs 2 times on line 3"), ({"line": "2", "old": "<", "new": ">"}, "must be an integer"),
+                          ({"line": True, "old": "<", "new": ">"}, "must be an integer"), ({"line": 2, "old": "", "new": ">"}, "'old' is empty")]:
+            r = ws.call("edit", {"path": "m.py", **args})
+            assert r["status"] == "error" and err in r["observation"], (args, r)
+        assert ws.files() == {"m.py": src}
+        r = ws.call("edit", {"path": "m.py", "line": 3, "old": "+", "new": "-"})         # '+' is on lines 3 only, '-' also on 4
+        assert r == {"observation": "Edited m.py (line 3).", "status": "ok", "exit_code": None}
+        assert ws.files()["m.py"] == src.replace("x + 1", "x - 1")
+        assert ws.call("edit", {"path": "m.py", "old": "x - 1", "new": "0"})["status"] == "error"   # without line: not unique
+
 
 def test_bad_tool_calls_are_error_observations(world):
     t = world["train"][1]
