@@ -1,21 +1,31 @@
-"""SFT ablations behind the tiny profile's choices (issue 4: why held-out resolve stays near 25%).
+"""SFT ablations behind the tiny profile's choices (issue 4: why held-out resolve stays well under 50%).
 
 Each run: world teacher trajectories (the pipeline's `data/world` train/valid tasks) regenerated with a teacher or tool
 VARIANT, `run_sft` from a mid-trained checkpoint (world trajectories only, tree packing, batch 8 x 1024, lr 3e-3 cosine),
-then the held-out world evaluation (100 test tasks, greedy, 8 turns). Needs a finished `dvc repro` (data/world,
-models/midtrain). Variants are patches of `kat_nb.world` made here, in this process only (the library is unchanged):
+then the held-out world evaluation (100 test tasks, greedy, 8 turns; 33 of them the unseen kind wrong_variable).
+Needs a finished `dvc repro` (data/world, models/midtrain). Variants are patches of `kat_nb.world` made here, in this
+process only (the library is unchanged):
 
-  base     the library's teacher and tools
+  base     the library's teacher and tools (since 9890bdd: line-scoped edits)
   reorder  run_tests first, then view_file, then the edit (the file view right before the edit)
   pipe     view_file shows `3|    code` instead of `3<TAB>    code` (a line then tokenizes as in the edit's JSON)
-  line     edit takes an optional `line`; the teacher replaces only the changed span on that line (no line copying)
+  line     edit takes an optional `line`; the teacher replaces only the changed span on that line (now the library's)
   notools  no tool schemas in the prompt (training and evaluation): ~430 instead of ~940 tokens per trajectory
+  recover  + a recovery trajectory for a share of the tasks (a rejected wrong edit first, error-masked)
+  quote    the edit's reflection quotes the buggy line from the file view before saying what is wrong
+Extra keys: lr, init, edit_weight (loss weight of the edit turns, as sft.turn_weights), recover_share, any sft param.
 
-Measured (2 cores, seed 0, 600 steps, from the pipeline's models/midtrain; +-5 points is noise at 100 tasks):
-  base 24% | reorder 24% | pipe 19% | line 27% | notools 28% (twice the trajectories per step) | base lr 8e-3 18%
-  base from a midtrain with seq_len 1024 (SFT start loss 0.47 instead of 1.33) 23% | a 4-layer model 16% (2x time)
-  1200 steps: line 36% (381 s; seen kinds 54%, comparison_flip 79%, operator_swap 86%, off_by_one 62%);
-  earlier runs: base 1000 steps 31%, 1800 steps 35%.
+Measured (2 cores, seed 0, from the pipeline's models/midtrain of 0f222b4; +-5 points is noise at 100 tasks):
+  600 steps, whole-line edits: base 24% | reorder 24% | pipe 19% | line 27% | notools 28% | lr 8e-3 18%
+    from a midtrain with seq_len 1024 (SFT start loss 0.47 instead of 1.33) 23% | a 4-layer model 16% (2x time)
+  1200 steps: whole-line base 31% (1000 steps), 35% (1800) | line 36% (seen kinds 54%) | line + recover 35%
+    | line + edit_weight 4: 39% (seen 58%) | edit_weight 12: 35% | edit_weight 4, batch 4 x 2400 steps: 35%
+    | quote + edit_weight 4: 33%
+  teacher-forced edit turn exactly right (scripts/edit_turn_accuracy.py), train/valid/test (first 100 tasks each):
+    line + recover 49/36/26 | edit_weight 4: 56/43/34 | 12: 48/39/32 | batch 4 x 2400: 59/45/29
+  Where the edit turn first goes wrong (edit_weight 4, valid): the line number 12 of 57, what follows it (the constant,
+  the operator, a missing branch's condition) 26, the edit's arguments 15, the kind/function name 4. The model does not
+  fit its own training tasks (56% of train edit turns exact): capacity/compute, not memorisation, is the limit.
 Usage: python scripts/sft_ablation.py NAME VARIANT STEPS ['{"lr": 3e-3, "init": "models/midtrain", <sft param>: ...}']"""
 import json, random, shutil, sys, time
 from pathlib import Path
