@@ -22,7 +22,8 @@ Measured (2 cores, seed 0, from the pipeline's models/midtrain of 0f222b4; +-5 p
     | line + edit_weight 4: 39% (seen 58%) | edit_weight 12: 35% | edit_weight 4, batch 4 x 2400 steps: 35%
     | quote + edit_weight 4: 33%
   From the midtrain of the line-edit pipeline run (its agentic trajectories already use line-scoped edits; SFT start
-  val loss 1.14 instead of 1.84): edit_weight 4, 2400 steps (750 s): 48% (seen kinds 69%, unseen 2/33; missing_branch
+  val loss 1.14 instead of 1.84): edit_weight 4, 1200 steps (417 s): 41% (seen 61%);
+  2400 steps (750 s): 48% (seen kinds 69%, unseen 2/33; missing_branch
   54%, off_by_one 85%). The pipeline's own balanced mixture (data/sft/train.jsonl, ~57% world rows), same params but
   2400 steps (1118 s of training, run_sft + evaluate by hand): 42% (seen 63%, unseen 0/33), against 30% at the
   pipeline's 1200 steps: optimizer steps are what the 20-minute tiny pipeline lacks most.
