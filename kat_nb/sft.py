@@ -87,7 +87,7 @@ def sft_tree_seqs(rows:list[dict], tokenizer, seq_len:int) -> list[dict]:
     enc, out = sft_tokenize(rows, tokenizer, weights=True), []
     for x, w in zip(enc["input_ids"], enc["weights"]):
         for i in range(0, len(x), seq_len):
-            p = {"input_ids": x[i:i + seq_len], "loss_mask": [int(v) if v in (0.0, 1.0) else v for v in w[i:i + seq_len]]}
+            p = {"input_ids": x[i:i + seq_len], "loss_mask": w[i:i + seq_len]}
             if len(p["input_ids"]) > 1 and any(p["loss_mask"][1:]): out.append(p)
     return out
 

@@ -838,10 +838,12 @@ def teacher_trajectory(task:Task,   # the task to solve
     m = task.meta; mod = m["module"]
     script = [(rng.choice(_PLANS).format(m=mod, f=m["func_name"]), "view_file", {"path": mod}),
               ("Reflection: now reproduce the failure.", "run_tests", {}),
-              *([(why, "edit", args) for why, args in [teacher_mistake(task, rng)]] if mistake else []),
               (_reason(task), "edit", teacher_edit(task)),
               ("Reflection: rerun the tests.", "run_tests", {}),
               ("Reflection: the tests pass; submit.", "submit", {})]
+    if mistake:                                             # the rejected edit comes right before the right one
+        why, args = teacher_mistake(task, rng)
+        script.insert(2, (why, "edit", args))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.issue}]
     steps = []
     with Workspace.from_task(task) as ws:

@@ -9,7 +9,8 @@ process only (the library is unchanged):
   base     the library's teacher and tools (since 9890bdd: line-scoped edits)
   reorder  run_tests first, then view_file, then the edit (the file view right before the edit)
   pipe     view_file shows `3|    code` instead of `3<TAB>    code` (a line then tokenizes as in the edit's JSON)
-  line     edit takes an optional `line`; the teacher replaces only the changed span on that line (now the library's)
+  line     edit takes an optional `line`; the teacher replaces only the changed span on that line (the library's
+           since 9890bdd, so now the same as base; reorder uses it too)
   notools  no tool schemas in the prompt (training and evaluation): ~430 instead of ~940 tokens per trajectory
   recover  + a recovery trajectory for a share of the tasks (a rejected wrong edit first, error-masked)
   quote    the edit's reflection quotes the buggy line from the file view before saying what is wrong
@@ -44,37 +45,13 @@ name, variant, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 if variant not in ("base", "reorder", "pipe", "line", "notools", "recover", "quote"): sys.exit(f"unknown variant {variant!r}")
 out = Path("build/ablation")/name
-library_teacher, library_edit = W.teacher_trajectory, W._edit
+library_teacher = W.teacher_trajectory
 
 if variant == "pipe":
     def _view_pipe(ws, path):
         text = ws._read(path)
         return W._clip("\n".join(f"{i}|{l}" for i, l in enumerate(text.splitlines(), 1)) or "(empty file)", ws.max_chars), None
     W._view_file = W._HANDLERS["view_file"] = _view_pipe
-
-if variant == "line":
-    ed = next(t for t in W.TOOLS if t["function"]["name"] == "edit")["function"]
-    ed["description"] = "Replace the unique text old with new in a file (within one line when line is given)."
-    ed["parameters"]["properties"]["line"] = {"type": "integer"}
-    def _check_args(name, args):
-        spec = next(t["function"]["parameters"] for t in W.TOOLS if t["function"]["name"] == name)
-        for k in spec["required"]:
-            if k not in args: raise W.ToolError(f"{name}: missing argument '{k}'")
-        for k, v in args.items():
-            if k not in spec["properties"]: raise W.ToolError(f"{name}: unexpected argument '{k}'")
-            want = int if spec["properties"][k]["type"] == "integer" else str
-            if not isinstance(v, want) or isinstance(v, bool): raise W.ToolError(f"{name}: argument '{k}' must be a {spec['properties'][k]['type']}")
-    def _edit_line(ws, path, old, new, line=None):
-        if line is None: return library_edit(ws, path, old, new)
-        lines = ws._read(path).split("\n")
-        if not 1 <= line <= len(lines): raise W.ToolError(f"edit: {path} has no line {line}")
-        if not old: raise W.ToolError("edit: 'old' is empty")
-        n = lines[line - 1].count(old)
-        if n != 1: raise W.ToolError(f"edit: old text occurs {n} times on line {line} of {path}")
-        lines[line - 1] = lines[line - 1].replace(old, new, 1)
-        ws._write(path, "\n".join(lines))
-        return f"Edited {path} (line {line}).", None
-    W._check_args, W._edit, W._HANDLERS["edit"] = _check_args, _edit_line, _edit_line
 
 if variant == "quote":          # the reflection quotes the buggy line (a copy from the file view) before saying what is wrong
     library_reason = W._reason
@@ -85,17 +62,8 @@ if variant == "quote":          # the reflection quotes the buggy line (a copy f
         return r.replace(f"line {m['bug_line']}: ", f"line {m['bug_line']} `{line}`: ", 1)
     W._reason = _reason_quoted
 
-def _edit_args(task):
-    m = task.meta
-    if variant == "line" and m["bug_kind"] != "missing_branch" and m["after"]:
-        N, mod = m["bug_line"], m["module"]
-        buggy, fixed = task.files[mod].splitlines()[N - 1], task.solutions[0][mod].splitlines()[N - 1]
-        if buggy.count(m["after"]) == 1 and buggy.replace(m["after"], m["before"], 1) == fixed:
-            return {"path": mod, "line": N, "old": m["after"], "new": m["before"]}
-    return {"path": m["module"], "old": m["edit"]["old"], "new": m["edit"]["new"]}
-
 def variant_trajectory(task, seed=0):
-    if variant in ("base", "pipe", "recover", "quote"): return library_teacher(task, seed)
+    if variant in ("base", "line", "pipe", "recover", "quote"): return library_teacher(task, seed)
     if variant == "notools": return {**library_teacher(task, seed), "tools": None}
     rng, m = random.Random(f"teacher:{task.id}:{seed}"), task.meta
     mod, reason = m["module"], W._reason(task)
@@ -103,7 +71,7 @@ def variant_trajectory(task, seed=0):
     first = ([(f"Plan: reproduce the failure, read {mod}, fix {m['func_name']}, rerun the tests.", "run_tests", {}),
               (f"Reflection: read {mod}.", "view_file", {"path": mod})] if variant == "reorder" else
              [plan, ("Reflection: now reproduce the failure.", "run_tests", {})])
-    script = first + [(reason, "edit", _edit_args(task)), ("Reflection: rerun the tests.", "run_tests", {}),
+    script = first + [(reason, "edit", W.teacher_edit(task)), ("Reflection: rerun the tests.", "run_tests", {}),
                       ("Reflection: the tests pass; submit.", "submit", {})]
     messages, steps_ = [{"role": "system", "content": W.SYSTEM_PROMPT}, {"role": "user", "content": task.issue}], []
     with W.Workspace.from_task(task) as ws:
@@ -128,30 +96,7 @@ p = dict(max_steps=steps, learning_rate=extra.pop("lr", 3e-3), lr_scheduler_type
          tree_row_tokens=512, tree_share_root=True, activation_checkpointing=False, eval_steps=10**6, save_steps=10**6,
          logging_steps=100, save_total_limit=1, eval_samples=32, deepspeed=None, use_cpu=True, bf16=False)
 init = extra.pop("init", "models/midtrain")
-edit_weight = extra.pop("edit_weight", 1.0)
-if edit_weight != 1.0:          # the loss of the turn that makes the edit (the diagnosis) counts edit_weight times
-    import kat_nb.sft as S
-    def weighted_tree_seqs(rows, tok, seq_len):
-        out = []
-        for r in rows:
-            enc = tok.apply_chat_template(r["messages"], tools=r.get("tools") or None, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-            x, m = list(enc["input_ids"]), [float(v) for v in enc["assistant_masks"]]
-            turns = [msg for msg in r["messages"] if msg["role"] == "assistant"]
-            runs, i = [], 0
-            while i < len(m):
-                if m[i]:
-                    j = i
-                    while j < len(m) and m[j]: j += 1
-                    runs.append((i, j)); i = j
-                else: i += 1
-            assert len(runs) == len(turns)
-            for (a, b), msg in zip(runs, turns):
-                if msg.get("loss") is False: m[a:b] = [0.0] * (b - a)
-                elif any(c["function"]["name"] == "edit" for c in msg.get("tool_calls") or []): m[a:b] = [edit_weight] * (b - a)
-            for k in range(0, len(x), seq_len):
-                if len(x[k:k + seq_len]) > 1 and any(m[k + 1:k + seq_len]): out.append({"input_ids": x[k:k + seq_len], "loss_mask": m[k:k + seq_len]})
-        return out
-    S.sft_tree_seqs = weighted_tree_seqs
+if "edit_weight" in extra: p["turn_weights"] = {"edit": extra.pop("edit_weight")}   # the edit turns' loss weight (sft.turn_weights)
 p.update(extra)
 t0 = time.time(); m = run_sft(train, valid, init, p, out/"model", None, seed=0); t1 = time.time()
 if variant == "notools":
