@@ -162,6 +162,7 @@ class EvalParams(_Section):
     suites: list[Literal["world", "humaneval"]] = ["world", "humaneval"]
     world_tasks: int = Field(100, ge=1)             # held-out test tasks scored (at most data.world.n_test)
     max_turns: int = Field(8, ge=1)                 # assistant turns per episode
+    max_format_errors: Optional[int] = Field(2, ge=1)  # consecutive turns without a well-formed tool call end an episode (None: never)
     max_new_tokens: int = Field(128, ge=8)          # per assistant turn
     batch_size: int = Field(128, ge=1)              # episodes generated together
     humaneval_problems: Optional[int] = Field(None, ge=1)  # None: all 164

@@ -35,15 +35,18 @@ class Episode:
     steps: list[dict] = field(default_factory=list)
     turns: int = 0
     done: bool = False
-    finish: str|None = None          # submit | max_turns | max_tokens | env_error
+    finish: str|None = None          # submit | max_turns | max_tokens | format_errors | env_error
     generated_chars: int = 0
+    format_errors: int = 0           # consecutive turns without a well-formed tool call
 
     @classmethod
     def start(cls, task:Task, tool_timeout:float=10.0) -> "Episode":
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.issue}]
         return cls(task, msgs, Workspace.from_task(task, timeout=tool_timeout))
 
-    def step(self, text:str, max_turns:int):
+    def step(self, text:str, max_turns:int,
+             max_format_errors:int|None=None, # this many consecutive turns without a well-formed tool call end the episode
+            ):
         "Apply one assistant turn (`text`): parse, execute every tool call, append observations."
         msg = parse_assistant(text); self.turns += 1; self.generated_chars += len(text)
         self.messages.append(msg); self._turn_index = len(self.messages) - 1
@@ -56,6 +59,8 @@ class Episode:
             else: res = self.ws.call(fn["name"], fn["arguments"])
             self._observe(fn["name"] or "error", res["observation"], res["exit_code"], res["status"])
             if fn["name"] == "submit" and res["status"] == "ok": self.done, self.finish = True, "submit"; break
+        self.format_errors = 0 if any("error" not in c for c in calls) else self.format_errors + 1
+        if not self.done and max_format_errors and self.format_errors >= max_format_errors: self.done, self.finish = True, "format_errors"
         if not self.done and self.turns >= max_turns: self.done, self.finish = True, "max_turns"
 
     def _observe(self, tool, observation, exit_code, status):
@@ -74,8 +79,12 @@ def run_episodes(tasks:list[Task], policy:Policy,
                  max_turns:int=8,           # assistant turns per episode
                  max_chars:int=12000,       # conversation budget (characters); over it the episode ends
                  tool_timeout:float=10.0,   # seconds per command / test run
+                 max_format_errors:int|None=2, # consecutive turns without a well-formed tool call that end an episode (None: never)
                 ) -> list[dict]:
-    "Run `policy` on every task through the real environment; one trajectory record per task."
+    """Run `policy` on every task through the real environment; one trajectory record per task.
+    A policy that stops producing tool calls is done: after `max_format_errors` such turns in a row the episode ends
+    (finish `format_errors`), the way agent harnesses stop requerying a model after repeated format errors (SWE-agent's
+    requery limit). An untrained checkpoint then costs 2 turns per task instead of `max_turns`."""
     t0 = time.time()
     eps, records = [], {}
     for t in tasks:
@@ -87,7 +96,7 @@ def run_episodes(tasks:list[Task], policy:Policy,
         else: eps.append(Episode.start(t, tool_timeout))
     try:
         while (live := [e for e in eps if not e.done]):
-            for e, text in zip(live, policy.act(live)): e.step(text, max_turns)
+            for e, text in zip(live, policy.act(live)): e.step(text, max_turns, max_format_errors)
             for e in live:
                 if not e.done and sum(len(m["content"]) for m in e.messages) > max_chars: e.done, e.finish = True, "max_tokens"
         for e in eps:

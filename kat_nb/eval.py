@@ -63,6 +63,7 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
              models_dir:Path, data_dir:Path,
              world_tasks:int=100, max_turns:int=8, max_new_tokens:int=160, batch_size:int=32,
              humaneval_problems_n:int|None=None, humaneval_max_new_tokens:int=256, tool_timeout:float=10.0,
+             max_format_errors:int|None=2, # world: consecutive turns without a well-formed tool call that end an episode
             ) -> tuple[dict, list[dict]]:
     "Metrics and per-item records of `checkpoint` on `suite`."
     from kat_nb.core import read_jsonl
@@ -76,7 +77,7 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
                                           max_new_tokens=max_new_tokens if suite == "world" else humaneval_max_new_tokens)
     if suite == "world":
         tasks = [Task.from_dict(d) for d in read_jsonl(Path(data_dir)/"world"/"test.jsonl")][:world_tasks]
-        records = run_episodes(tasks, policy, max_turns=max_turns, tool_timeout=tool_timeout)
+        records = run_episodes(tasks, policy, max_turns=max_turns, tool_timeout=tool_timeout, max_format_errors=max_format_errors)
         train = Path(data_dir)/"world"/"train.jsonl"          # kinds no training task has: the unseen-family figure
         seen = {d.get("meta", {}).get("bug_kind") for d in read_jsonl(train)} if train.exists() else set()
         unseen = {t.meta.get("bug_kind") for t in tasks} - seen if seen else set()

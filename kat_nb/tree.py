@@ -5,18 +5,20 @@
 # %% ../nbs/lib/12_tree.ipynb #f2eddbc5
 from __future__ import annotations
 import hashlib, json, math, random, statistics, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 # %% auto #0
-__all__ = ['TREE_KEYS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'TREE_STEP_ARGS', 'BENCH_MODEL', 'Tree',
-           'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees', 'pack_rows', 'flat_tokens',
-           'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_loss', 'flat_loss', 'tiny_qwen3',
-           'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer', 'bpe_tokenizer', 'tokenizer_fingerprint',
-           'check_trees', 'render_pieces', 'tokenize_messages', 'branching_traces', 'split_trace', 'trees_from_traces',
-           'tree_dataset', 'step_groups', 'pack_step', 'tree_step_dataset', 'tree_step_data', 'collate_step',
-           'TreeCollator', 'TreeLossMixin', 'tree_trainer', 'tree_training', 'tree_sft_args', 'node_entropy',
-           'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree', 'compare_training']
+__all__ = ['TREE_KEYS', 'TREE_SDPA', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'TREE_STEP_ARGS', 'BENCH_MODEL',
+           'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees', 'pack_rows',
+           'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_segments', 'tree_loss',
+           'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
+           'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces', 'tokenize_messages',
+           'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups', 'pack_step',
+           'tree_step_dataset', 'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin', 'tree_trainer',
+           'tree_training', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree',
+           'compare_training']
 
 # %% ../nbs/lib/12_tree.ipynb #05fa1fec
 @dataclass
@@ -289,10 +291,11 @@ def collate_tree_rows(rows:list[dict], # from `pack_rows`
     w = torch.cat(pw); tot = w.sum()
     return {"input_ids": ids, "position_ids": pos, "subtree_end": end, "labels": labels,
             "pair_index": torch.cat(pidx), "pair_label": torch.cat(plab), "pair_weight": (w / tot if tot > 0 else w).float(),
+            "row_len": torch.tensor([len(r["input_ids"]) for r in rows]),
             "tokens_tree": torch.tensor(sum(len(r["input_ids"]) for r in rows)),
             "tokens_flat": torch.tensor(sum(r["tokens_flat"] for r in rows))}
 
-TREE_KEYS = ("subtree_end", "pair_index", "pair_label", "pair_weight", "tokens_tree", "tokens_flat", "labels")
+TREE_KEYS = ("subtree_end", "row_len", "pair_index", "pair_label", "pair_weight", "tokens_tree", "tokens_flat", "labels")
 
 # %% ../nbs/lib/12_tree.ipynb #d6d9069c
 def _unwrap(model): return getattr(model, "module", model)
@@ -314,6 +317,77 @@ def tree_block_mask(subtree_end:"torch.Tensor") -> "BlockMask":
     R, L = end.shape
     return create_block_mask(mask_mod, R, None, L, L, device=end.device)
 
+TREE_SDPA = "kat_tree_sdpa"     # the attention implementation name `tree_loss` switches an sdpa model to for a tree batch
+
+def tree_segments(subtree_end:"torch.Tensor", # (rows, L): end of each token's subtree span (`collate_tree_rows`)
+                  row_len:"torch.Tensor", # (rows,): real tokens per row (the rest is padding)
+                  under_root:"torch.Tensor|None"=None, # (rows, L) bool: the token sees the shared prefix (`collate_step`)
+                  prefix:int=0, # length of the shared prefix whose keys come first (0: none)
+                  dtype=None,
+                 ) -> list[tuple]:
+    """The top-level trees of every row as `(row, start, end, mask)`: `mask` is the tree's own additive mask
+    (1, 1, l, l), with `prefix` leading key columns (visible iff `under_root`) when the tree descends from the prefix."""
+    import torch
+    dtype = dtype or torch.float32
+    out, ends = [], subtree_end.tolist()
+    for b, n in enumerate(row_len.tolist()):
+        s = 0
+        while s < n:
+            e = ends[b][s]
+            if not s < e <= n: raise ValueError(f"row {b}: token {s} has subtree end {e} outside (start, row length {n}]")
+            mask = tree_attention_mask(subtree_end[b:b + 1, s:e] - s, dtype)
+            if prefix and under_root is not None and bool(under_root[b, s:e].any()):
+                pre = torch.zeros((1, 1, e - s, prefix), dtype=dtype, device=mask.device)
+                mask = torch.cat([pre.masked_fill_(~under_root[b, s:e][None, None, :, None], torch.finfo(dtype).min), mask], -1)
+            out.append((b, s, e, mask)); s = e
+    return out
+
+def _tree_sdpa(module, query, key, value, attention_mask, tree_segments=None, **kw):
+    """sdpa over each packed tree alone (`tree_segments`): a row holding several trees skips the blocks between them that
+    the dense mask would compute and discard. Exact; without `tree_segments` it is plain sdpa (generation, the prefix pass)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if tree_segments is None: return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    B, H, L, D = query.shape; P = key.shape[2] - L
+    rows = [[] for _ in range(B)]; filled = [0] * B
+    for b, s, e, mask in tree_segments:
+        k, v = key[b:b + 1, :, P + s:P + e], value[b:b + 1, :, P + s:P + e]
+        if mask.shape[-1] > e - s: k, v = torch.cat([key[b:b + 1, :, :P], k], 2), torch.cat([value[b:b + 1, :, :P], v], 2)
+        rows[b].append(sdpa_attention_forward(module, query[b:b + 1, :, s:e], k, v, mask, **kw)[0]); filled[b] = e
+    for b in range(B):     # padding after the last tree: zeros (no loss is taken there and no real token attends to it)
+        if filled[b] < L: rows[b].append(query.new_zeros(1, L - filled[b], H, D))
+    return torch.cat([torch.cat(r, 1) for r in rows], 0), None
+
+def _register_tree_sdpa():
+    from transformers import AttentionInterface
+    if TREE_SDPA not in AttentionInterface._global_mapping: AttentionInterface.register(TREE_SDPA, _tree_sdpa)
+
+@contextmanager
+def _attn_implementation(m, impl:str|None):
+    "Run `m` with attention implementation `impl` (None: unchanged); restores the old one."
+    old = m.config._attn_implementation
+    if impl is None or impl == old: yield; return
+    m.config._attn_implementation = impl
+    try: yield
+    finally: m.config._attn_implementation = old
+
+def _tree_attention(model, batch:dict, prefix:int=0) -> tuple[dict, str|None]:
+    """Attention arguments for a tree batch and the implementation to run them with. sdpa models get per-tree segments
+    (`tree_segments`, `_tree_sdpa`); eager the dense mask (the reference); flex_attention a `BlockMask`."""
+    import torch
+    m = _unwrap(model); impl = getattr(m.config, "_attn_implementation", "sdpa"); dtype = next(m.parameters()).dtype
+    under = batch.get("under_root")
+    if impl == "sdpa" and "row_len" in batch:
+        _register_tree_sdpa()
+        return {"attention_mask": None, "tree_segments": tree_segments(batch["subtree_end"], batch["row_len"], under, prefix, dtype)}, TREE_SDPA
+    if prefix:
+        if impl not in ("sdpa", "eager"):
+            raise ValueError("a shared prefix (share_root) needs an sdpa/eager model with a separable LM head; use share_root=False")
+        rows = tree_attention_mask(batch["subtree_end"], dtype); R, _, L, _ = rows.shape
+        pre = torch.zeros((R, 1, L, prefix), dtype=dtype, device=rows.device).masked_fill_(~under[:, None, :, None], torch.finfo(dtype).min)
+        return {"attention_mask": torch.cat([pre, rows], -1)}, None
+    return {"attention_mask": tree_mask_for(model, batch["subtree_end"])}, None
+
 def _decoder_and_head(m):
     "The model's decoder stack and LM head when logits can be taken from hidden states (no soft-capping), else None."
     if getattr(m.config, "final_logit_softcapping", None) or not hasattr(m, "get_decoder"): return None
@@ -327,13 +401,14 @@ def tree_loss(model, # a causal LM (HF); sdpa, eager or flex_attention
     "The weighted loss of a tree batch and the logits at the loss positions: sum over pairs of weight x CE(logits[pos], label)."
     import torch.nn.functional as F
     if "root_ids" in batch: return _rooted_loss(model, batch)
-    mask = tree_mask_for(model, batch["subtree_end"])
-    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False)
-    parts = _decoder_and_head(_unwrap(model))
-    if parts:        # the LM head only where a loss is taken (assistant-only SFT: ~1/5 of the tokens)
-        hidden = parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]
-        logits = parts[1](hidden).float()
-    else: logits = model(**kw).logits.flatten(0, 1)[batch["pair_index"]].float()
+    attn, impl = _tree_attention(model, batch)
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **attn)
+    m = _unwrap(model); parts = _decoder_and_head(m)
+    with _attn_implementation(m, impl):
+        if parts:        # the LM head only where a loss is taken (assistant-only SFT: ~1/5 of the tokens)
+            hidden = parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]
+            logits = parts[1](hidden).float()
+        else: logits = model(**kw).logits.flatten(0, 1)[batch["pair_index"]].float()
     ce = F.cross_entropy(logits, batch["pair_label"], reduction="none")
     return (ce * batch["pair_weight"]).sum(), {"logits": logits}
 
@@ -356,13 +431,11 @@ def _rooted_loss(model, batch:dict):
     hidden = [out_r.last_hidden_state[0]]
     index = [batch["root_pair_index"]]; labels = [batch["root_pair_label"]]; weights = [batch["root_pair_weight"]]
     if "input_ids" in batch:
-        R, L = batch["input_ids"].shape; P = batch["root_ids"].shape[1]
+        R = batch["input_ids"].shape[0]; P = batch["root_ids"].shape[1]
         cache.batch_repeat_interleave(R)
-        rows = tree_attention_mask(batch["subtree_end"], next(m.parameters()).dtype)
-        pre = torch.zeros((R, 1, L, P), dtype=rows.dtype, device=rows.device)
-        pre.masked_fill_(~batch["under_root"][:, None, :, None], torch.finfo(rows.dtype).min)
-        out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=torch.cat([pre, rows], -1),
-                  cache=cache, use_cache=True)
+        attn, impl = _tree_attention(model, batch, P)
+        with _attn_implementation(m, impl):
+            out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cache=cache, use_cache=True, **attn)
         hidden.append(out.last_hidden_state.flatten(0, 1))
         index.append(batch["pair_index"] + P); labels.append(batch["pair_label"]); weights.append(batch["pair_weight"])
     logits = head(torch.cat(hidden)[torch.cat(index)]).float()

@@ -26,6 +26,28 @@ def test_teacher_resolves_held_out_tasks_through_the_environment(world):
     assert summarize(fails, ["wrong_variable"])["seen_kinds/resolve_rate"] == 1.0 and summarize(fails, ["wrong_variable"])["unseen_kinds/resolve_rate"] == 0.0
 
 
+class _Scripted:
+    "A policy replaying fixed turns (the same list for every episode)."
+    name = "scripted"
+    def __init__(self, turns): self.turns = turns
+    def act(self, episodes): return [self.turns[min(e.turns, len(self.turns) - 1)] for e in episodes]
+
+
+def test_episodes_end_after_consecutive_format_errors(world):
+    task = world["test"][0]
+    babble = "I think the bug is somewhere."
+    call = '<tool_call>\n{"name": "run_tests", "arguments": {}}\n</tool_call>'
+    broken = '<tool_call>\n{"name": "run_tests", "arguments": {</tool_call>'
+    r = run_episodes([task], _Scripted([babble]))[0]                     # never a tool call: done after 2 turns
+    assert (r["finish"], r["turns"], r["resolved"]) == ("format_errors", 2, False)
+    r = run_episodes([task], _Scripted([babble, broken, babble]), max_format_errors=3)[0]   # malformed calls count too
+    assert (r["finish"], r["turns"]) == ("format_errors", 3)
+    r = run_episodes([task], _Scripted([babble, call, babble, call, babble, call, babble, call]))[0]   # not in a row
+    assert (r["finish"], r["turns"]) == ("max_turns", 8)
+    r = run_episodes([task], _Scripted([babble]), max_format_errors=None)[0]                             # never
+    assert (r["finish"], r["turns"]) == ("max_turns", 8)
+
+
 def test_rollout_records_have_the_teacher_schema(world):
     task = world["test"][0]
     rollout = run_episodes([task], TeacherPolicy())[0]
