@@ -157,14 +157,23 @@ def tree_rows(rows:list[dict], tokenizer, seq_len:int) -> list[dict]:
 def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Path, main:bool, say:Callable) -> dict:
     "Train (resuming from `resume`), measure the validation loss at the start and end, save model + tokenizer, close DVCLive."
     tokens_before = json.loads((resume[0]/"trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
-    out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    if resume and resume[1] >= trainer.args.max_steps > 0:
+        # the run had finished (a rerun after a code change that leaves the stage's fingerprint alone): `Trainer.train`
+        # would take one more step at the schedule's end and save checkpoint-<max_steps + 1>; load the weights instead
+        from transformers import TrainerState
+        trainer._load_from_checkpoint(str(resume[0]))
+        trainer.state = TrainerState.load_from_json(str(resume[0]/"trainer_state.json"))
+        say(f"{resume[0]} is the last step ({resume[1]} of {trainer.args.max_steps}): nothing to train")
+        out = None
+    else: out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    seconds = out.metrics["train_runtime"] if out else 0.0
     at_start = [h["eval_loss"] for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
     val_start = at_start[0] if at_start else json.loads(start_file.read_text())["val_loss_start"] if start_file.exists() else None
     val_end = trainer.evaluate()["eval_loss"]
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {"val_loss_start": val_start, "val_loss_end": val_end, "train_steps": trainer.state.global_step,
-               "train_tokens": tokens, "tokens_per_s": (tokens - tokens_before) / out.metrics["train_runtime"],
-               "seconds": round(out.metrics["train_runtime"], 1), "epochs": round(trainer.state.epoch or 0, 3),
+               "train_tokens": tokens, "tokens_per_s": (tokens - tokens_before) / seconds if seconds else None,
+               "seconds": round(seconds, 1), "epochs": round(trainer.state.epoch or 0, 3),
                "resumed_from": str(resume[0]) if resume else None}
     trainer.model.config.use_cache = True     # generation after training wants the KV cache
     trainer.save_model(str(out_dir))
@@ -175,7 +184,7 @@ def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Pa
                 live.step = trainer.state.global_step; live.log_metric("eval/loss", val_end)
             for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens"): live.summary[k] = metrics[k]
             live.end()
-    say(f"val loss {val_start} -> {val_end:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s")
+    say(f"val loss {val_start} -> {val_end:.4f}" + (f"; {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""))
     return metrics
 
 # %% ../nbs/lib/06_train.ipynb #b091c5df

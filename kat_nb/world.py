@@ -501,7 +501,8 @@ def check_task(task:Task) -> bool:
     return (not run_hidden_tests(task, task.files).ok) and all(run_hidden_tests(task, s).ok for s in task.solutions)
 
 # %% ../nbs/lib/03_world.ipynb #6c319062
-_CONTEXTS = ("library", "data pipeline", "cli tool", "web backend", "script")
+_CONTEXTS = ("library", "data pipeline", "cli tool", "web backend", "script",      # one per development context of the
+             "frontend widget", "database layer", "training pipeline", "test harness", "scientific code")   # SFT grid (`WORLD_CONTEXT`)
 _DIFFICULTY = {"operator_swap": "easy", "wrong_constant": "easy", "comparison_flip": "medium",
                "off_by_one": "medium", "wrong_variable": "medium", "missing_branch": "hard"}
 _ISSUES = ["`{call}` {outcome}, but it should return `{want}`.",
@@ -886,10 +887,13 @@ ARCHETYPES = ("feature implementation", "modification and enhancement", "debuggi
               "performance optimisation", "code explanation and documentation", "code analysis", "code generation",
               "test case generation", "configuration and deployment")
 AXES = ("language", "context", "archetype")
-# the bug-fix world's own context names, mapped onto the grid's contexts
+# the bug-fix world's own context names, mapped one to one onto the grid's ten contexts: world tasks spread over all
+# of them, so a uniform context target does not cap how many world trajectories the balanced mixture can hold
 WORLD_CONTEXT = {"library": "algorithm design and analysis", "data pipeline": "data science and engineering",
                  "cli tool": "systems and infrastructure", "web backend": "application development",
-                 "script": "system architecture and maintenance"}
+                 "script": "system architecture and maintenance", "frontend widget": "UI/UX engineering",
+                 "database layer": "database systems", "training pipeline": "machine learning and AI",
+                 "test harness": "testing and debugging", "scientific code": "specialised domains"}
 
 # %% ../nbs/lib/03_world.ipynb #bbb6d16b
 _FOLD = {  # language -> (code fence, function template with {n} {xs} {acc} {init} {op}, test line with {n} {args} {want}, test command)

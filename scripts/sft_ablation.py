@@ -14,6 +14,8 @@ process only (the library is unchanged):
   notools  no tool schemas in the prompt (training and evaluation): ~430 instead of ~940 tokens per trajectory
   recover  + a recovery trajectory for a share of the tasks (a rejected wrong edit first, error-masked)
   quote    the edit's reflection quotes the buggy line from the file view before saying what is wrong
+  mixture  the pipeline's own SFT: data/sft/train.jsonl (the balanced mixture), validation on the world's valid
+           trajectories, the `sft:` section of params.yaml; the extra keys override it (e.g. global_batch_size)
 Extra keys: lr, init, edit_weight (loss weight of the edit turns, as sft.turn_weights), recover_share, any sft param.
 
 Measured (2 cores, seed 0, from the pipeline's models/midtrain of 0f222b4; +-5 points is noise at 100 tasks):
@@ -43,7 +45,7 @@ from kat_nb.sft import run_sft
 
 name, variant, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-if variant not in ("base", "reorder", "pipe", "line", "notools", "recover", "quote"): sys.exit(f"unknown variant {variant!r}")
+if variant not in ("base", "reorder", "pipe", "line", "notools", "recover", "quote", "mixture"): sys.exit(f"unknown variant {variant!r}")
 out = Path("build/ablation")/name
 library_teacher = W.teacher_trajectory
 
@@ -86,11 +88,17 @@ def variant_trajectory(task, seed=0):
 W.teacher_trajectory = variant_trajectory          # teacher_trajectories (worker processes, fork) call it through the module
 shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
 tasks = lambda split: [W.Task.from_dict(d) for d in read_jsonl(f"data/world/{split}.jsonl")]
-train = [r for r in W.teacher_trajectories(tasks("train"), workers=2) if r["resolved"]]
+if variant == "mixture":
+    from kat_nb.config import load_params
+    sft = load_params().model_dump()["sft"]
+    train = list(read_jsonl("data/sft/train.jsonl"))
+    extra = {"lr": sft["learning_rate"], **{k: sft[k] for k in ("global_batch_size", "per_device_batch_size", "seq_len", "tree_row_tokens",
+             "turn_weights", "warmup_steps", "lr_scheduler_type")}, **extra}
+else: train = [r for r in W.teacher_trajectories(tasks("train"), workers=2) if r["resolved"]]
 if variant == "recover":        # + a recovery trajectory (failed edit, error-masked) for a share of the tasks
     share = extra.pop("recover_share", 0.5); pick = [t for t in tasks("train") if random.Random(t.id).random() < share]
     train += [W.error_masked(r) for r in (library_teacher(t, mistake=True) for t in pick) if r["resolved"]]
-valid = [variant_trajectory(t) for t in tasks("valid")]
+valid = list(read_jsonl("data/world/trajectories/valid.jsonl")) if variant == "mixture" else [variant_trajectory(t) for t in tasks("valid")]
 p = dict(max_steps=steps, learning_rate=extra.pop("lr", 3e-3), lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0,
          global_batch_size=8, per_device_batch_size=8, seq_len=1024, packing=True, tree_packing=True, tree_normalize="token",
          tree_row_tokens=512, tree_share_root=True, activation_checkpointing=False, eval_steps=10**6, save_steps=10**6,

@@ -72,6 +72,13 @@ def test_loss_falls(tmp_path, tok_dir):
     assert steps == list(range(5, 41, 5))
     for f in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
         assert (tmp_path/"out"/f).exists(), f
+    # a rerun of the finished run (e.g. `dvc repro` after a code change the fingerprint ignores) trains nothing more
+    weights = (tmp_path/"out"/"model.safetensors").read_bytes()
+    again = run_midtrain(rows, rows[:12], tok_dir, TINY, params(), tmp_path/"out", tmp_path/"live", seed=0, echo=None)
+    assert again["train_steps"] == 40 and again["seconds"] == 0.0 and again["tokens_per_s"] is None
+    assert again["resumed_from"].endswith("checkpoint-40") and again["val_loss_end"] == pytest.approx(m["val_loss_end"], rel=1e-5)
+    assert not (tmp_path/"out"/"checkpoints"/"checkpoint-41").exists()
+    assert (tmp_path/"out"/"model.safetensors").read_bytes() == weights
 
 def test_resume_after_kill(tmp_path, tok_dir):
     cmd = [sys.executable, *write_job(tmp_path, tok_dir, max_steps=400, save_steps=10, eval_steps=200, logging_steps=10)]
