@@ -30,6 +30,9 @@ Measured (2 cores, seed 0, from the pipeline's models/midtrain of 0f222b4; +-5 p
   54%, off_by_one 85%). The pipeline's own balanced mixture (data/sft/train.jsonl, ~57% world rows), same params but
   2400 steps (1118 s of training, run_sft + evaluate by hand): 42% (seen 63%, unseen 0/33), against 30% at the
   pipeline's 1200 steps: optimizer steps are what the 20-minute tiny pipeline lacks most.
+  The pipeline run of 272e0ab (sdpa per packed tree, 0.40 s/step; sft.max_steps 1600): 35% (seen kinds 52%). The same
+  mixture at batch 16 x 800 steps (`mix_b16 mixture 800 '{"global_batch_size": 16, "per_device_batch_size": 16}'`,
+  the same tokens): 34% (seen 51%): at fixed compute the batch size does not matter here.
   teacher-forced edit turn exactly right (scripts/edit_turn_accuracy.py), train/valid/test (first 100 tasks each):
     line + recover 49/36/26 | edit_weight 4: 56/43/34 | 12: 48/39/32 | batch 4 x 2400: 59/45/29
   Where the edit turn first goes wrong (edit_weight 4, valid): the line number 12 of 57, what follows it (the constant,
