@@ -319,6 +319,12 @@ def tree_block_mask(subtree_end:"torch.Tensor") -> "BlockMask":
 
 TREE_SDPA = "kat_tree_sdpa"     # the attention implementation name `tree_loss` switches an sdpa model to for a tree batch
 
+def _prefix_columns(under_root:"torch.Tensor", prefix:int, dtype) -> "torch.Tensor":
+    "Additive mask columns (rows, 1, L, prefix) for the shared prefix's keys: visible to the tokens `under_root`."
+    import torch
+    R, L = under_root.shape
+    return torch.zeros((R, 1, L, prefix), dtype=dtype, device=under_root.device).masked_fill_(~under_root[:, None, :, None], torch.finfo(dtype).min)
+
 def tree_segments(subtree_end:"torch.Tensor", # (rows, L): end of each token's subtree span (`collate_tree_rows`)
                   row_len:"torch.Tensor", # (rows,): real tokens per row (the rest is padding)
                   under_root:"torch.Tensor|None"=None, # (rows, L) bool: the token sees the shared prefix (`collate_step`)
@@ -337,8 +343,7 @@ def tree_segments(subtree_end:"torch.Tensor", # (rows, L): end of each token's s
             if not s < e <= n: raise ValueError(f"row {b}: token {s} has subtree end {e} outside (start, row length {n}]")
             mask = tree_attention_mask(subtree_end[b:b + 1, s:e] - s, dtype)
             if prefix and under_root is not None and bool(under_root[b, s:e].any()):
-                pre = torch.zeros((1, 1, e - s, prefix), dtype=dtype, device=mask.device)
-                mask = torch.cat([pre.masked_fill_(~under_root[b, s:e][None, None, :, None], torch.finfo(dtype).min), mask], -1)
+                mask = torch.cat([_prefix_columns(under_root[b:b + 1, s:e], prefix, dtype), mask], -1)
             out.append((b, s, e, mask)); s = e
     return out
 
@@ -380,12 +385,8 @@ def _tree_attention(model, batch:dict, prefix:int=0) -> tuple[dict, str|None]:
     if impl == "sdpa" and "row_len" in batch:
         _register_tree_sdpa()
         return {"attention_mask": None, "tree_segments": tree_segments(batch["subtree_end"], batch["row_len"], under, prefix, dtype)}, TREE_SDPA
-    if prefix:
-        if impl not in ("sdpa", "eager"):
-            raise ValueError("a shared prefix (share_root) needs an sdpa/eager model with a separable LM head; use share_root=False")
-        rows = tree_attention_mask(batch["subtree_end"], dtype); R, _, L, _ = rows.shape
-        pre = torch.zeros((R, 1, L, prefix), dtype=dtype, device=rows.device).masked_fill_(~under[:, None, :, None], torch.finfo(dtype).min)
-        return {"attention_mask": torch.cat([pre, rows], -1)}, None
+    if prefix:           # eager, or sdpa without `row_len` (`_rooted_loss` has already refused other implementations)
+        return {"attention_mask": torch.cat([_prefix_columns(under, prefix, dtype), tree_attention_mask(batch["subtree_end"], dtype)], -1)}, None
     return {"attention_mask": tree_mask_for(model, batch["subtree_end"])}, None
 
 def _decoder_and_head(m):
