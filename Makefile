@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Tests and CI may use both cores; each test process keeps torch to one thread (see tests/conftest.py).
 PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
-.PHONY: venv repro test lab check readme clean-venv
+.PHONY: venv sandbox-check repro test lab check readme clean-venv
 
 $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,12 +24,17 @@ $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 
 venv: $(VENV)/.installed
 
-## The main job: rebuild the pipeline (data → tokenizer → midtrain) on the profile in params.yaml.
-repro: venv
+## Code runs only in a sandbox: bubblewrap, or the fallback when KAT_NB_SANDBOX=rlimits asks for it (README:
+## "What the machine needs"). Stops with the reason and the fix before anything runs.
+sandbox-check: venv
+	@kat-nb sandbox --check
+
+## The main job: rebuild the whole pipeline on the profile in params.yaml.
+repro: venv sandbox-check
 	dvc repro
 
 ## The tests: the notebooks (one pytest test each) and tests/.
-test: venv
+test: venv sandbox-check
 	pytest $(PYTEST_ARGS) tests
 
 ## JupyterLab on the project's kernel.

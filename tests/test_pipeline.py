@@ -2,8 +2,9 @@
 
 `dvc repro` runs data → tokenizer → midtrain → sft → eval → report; a second `dvc repro` runs nothing; `dvc exp
 run -S midtrain.<key>=…` reruns midtrain and what depends on it, not data or tokenizer; a `dvc repro` killed during mid-training resumes from the last
-checkpoint. Plus the runner's refusals: a bad params key or type, a stage notebook without its
-`parameters` tag.
+checkpoint; a code change retrains instead of resuming the finished run. Plus the runner's refusals: a bad params
+key or type, a stage notebook without its `parameters` tag. And dvc.yaml's `kat_nb/*.py` deps against the import
+closure of each stage notebook.
 """
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
@@ -13,12 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _env(repo: Path) -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo), "KAT_NB_ROOT": str(repo)}
+def _env(repo: Path, **extra) -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo), "KAT_NB_ROOT": str(repo), **extra}
 
 
-def _sh(args, repo, check=True, timeout=900):
-    r = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout)
+def _sh(args, repo, check=True, timeout=900, **extra_env):
+    r = subprocess.run(args, cwd=repo, env=_env(repo, **extra_env), capture_output=True, text=True, timeout=timeout)
     if check: assert r.returncode == 0, f"{args} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
 
@@ -60,6 +61,13 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     world = json.loads((smoke_repo/"metrics"/"sft"/"world.json").read_text())
     assert "resolve_rate" in world and world["unseen_kinds/tasks"] >= 1 and world["seen_kinds/tasks"] >= 1, world   # the held-out kind apart
     assert set(json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_by_kind"]["sft"]) == {"seen", "unseen"}
+    # every stage that executes code records the isolation it ran under, and so does every evaluation's metrics
+    want = "rlimits" if os.environ.get("KAT_NB_SANDBOX") == "rlimits" else "bwrap"
+    for rec in ("data.run.json", "sft.run.json", "sft/world.run.json", "teacher/humaneval.run.json"):
+        assert json.loads((smoke_repo/"metrics"/rec).read_text())["sandbox"]["backend"] == want, rec
+    for m in ("sft/world.json", "teacher/world.json", "base/humaneval.json"):
+        assert json.loads((smoke_repo/"metrics"/m).read_text())["sandbox"]["backend"] == want, m
+    assert json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())["sandbox"] is None     # it runs no code
 
     t0 = time.time(); r2 = _sh(["dvc", "repro"], smoke_repo)
     assert "Running stage" not in r2.stdout and time.time() - t0 < 60, r2.stdout
@@ -77,7 +85,8 @@ def test_killed_repro_resumes_from_last_checkpoint(tmp_path):
     p = yaml.safe_load(prof.read_text())
     p["midtrain"].update(max_steps=300, save_steps=40, eval_steps=300)  # long enough to be killed mid-way
     prof.write_text(yaml.safe_dump(p))
-    _sh(["dvc", "repro", "tokenizer"], repo)
+    _sh(["dvc", "repro", "tokenizer"], repo, KAT_NB_SANDBOX="rlimits")          # the explicit opt-in: it runs, and says so
+    assert json.loads((repo/"metrics"/"data.run.json").read_text())["sandbox"]["backend"] == "rlimits"
     with open(tmp_path/"killed.log", "w") as logf:
         proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(repo), stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -93,6 +102,87 @@ def test_killed_repro_resumes_from_last_checkpoint(tmp_path):
     assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
     m = json.loads((repo/"metrics"/"midtrain.json").read_text())
     assert m["train_steps"] == 300 and m["resumed_from"], m
+
+
+@pytest.mark.xdist_group("pipeline")
+def test_code_change_retrains_unchanged_rerun_resumes(tmp_path):
+    repo = copy_repo(tmp_path/"repo")
+    prof = repo/"configs"/"profiles"/"smoke.yaml"
+    p = yaml.safe_load(prof.read_text())
+    p["midtrain"].update(max_steps=4, save_steps=2, eval_steps=2, logging_steps=2, warmup_steps=1)
+    prof.write_text(yaml.safe_dump(p))
+    metrics = lambda: json.loads((repo/"metrics"/"midtrain.json").read_text())
+    _sh(["dvc", "repro", "midtrain"], repo)
+    first = metrics()
+    assert first["resumed_from"] is None and first["train_steps"] == 4 and first["seconds"] > 0, first
+
+    r = _sh(["dvc", "repro", "-f", "-s", "midtrain"], repo)          # unchanged: resumes the finished run, trains nothing
+    out, again = r.stdout + r.stderr, metrics()
+    assert "Running stage 'midtrain'" in r.stdout and "nothing to train" in out and "starting fresh" not in out, out[-3000:]
+    assert again["resumed_from"].endswith("checkpoint-4") and again["seconds"] == 0.0, again
+
+    train_py = repo/"kat_nb"/"train.py"                               # any change to its syntax tree is a code change
+    train_py.write_text(train_py.read_text() + "\nRETRAIN_PROBE = 1\n")
+    r = _sh(["dvc", "repro", "midtrain"], repo)
+    out, fresh = r.stdout + r.stderr, metrics()
+    assert "Running stage 'midtrain'" in r.stdout and "Running stage 'data'" not in r.stdout, r.stdout[-3000:]
+    assert "other parameters, inputs or code" in out and "starting fresh" in out and "resuming from" not in out, out[-3000:]
+    assert fresh["resumed_from"] is None and fresh["seconds"] > 0 and fresh["train_steps"] == 4, fresh
+
+
+def test_without_a_sandbox_a_stage_that_executes_code_stops_before_it_runs(tmp_path):
+    env = {k: v for k, v in _env(ROOT).items() if k != "KAT_NB_SANDBOX"} | {"KAT_NB_BWRAP": str(tmp_path/"no-bwrap")}
+    for cmd in (["run", "data"], ["run", "sft"], ["run", "eval", "--cell", "checkpoint=teacher", "--cell", "suite=world"]):
+        r = subprocess.run([str(BIN/"kat-nb"), *cmd, "--out-root", str(tmp_path/"out")], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 3 and "sudo apt-get install bubblewrap" in r.stderr and "KAT_NB_SANDBOX=rlimits" in r.stderr, r.stderr
+        assert not (tmp_path/"out").exists(), cmd                     # stopped before the notebook ran or wrote anything
+    # `make repro` and `make test` check the sandbox before anything else
+    for target, main in (("repro", "dvc repro"), ("test", "pytest")):
+        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True).stdout
+        assert "kat-nb sandbox --check" in dry and dry.index("kat-nb sandbox --check") < dry.index(main), dry
+
+
+def test_dvc_deps_are_each_stage_notebooks_import_closure():
+    from kat_nb.pipeline import module_closure, stage_modules
+    stages = yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"]
+    problems = []
+    for name, st in stages.items():
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in st.get("deps", [])]
+        nbs = [d for d in deps if d.startswith("build/stripped/") and d.endswith(".ipynb")]
+        if name == "strip": want = module_closure(["pipeline"], ROOT)   # no notebook: it runs kat_nb.pipeline.strip_all
+        else:
+            assert len(nbs) == 1, f"dvc.yaml stage '{name}': expected one build/stripped/NN_<stage>.ipynb dep, found {nbs}"
+            want = [f.stem for f in stage_modules(Path(nbs[0]).stem.split("_", 1)[1], ROOT)]
+        listed, code = [Path(d).stem for d in deps if d.startswith("kat_nb/")], nbs[0] if nbs else "kat_nb.pipeline"
+        problems += [f"dvc.yaml stage '{name}' does not list kat_nb/{m}.py, which {code} imports (directly or not)"
+                     for m in sorted(set(want) - set(listed))]
+        problems += [f"dvc.yaml stage '{name}' lists kat_nb/{m}.py, which {code} never imports"
+                     for m in sorted(set(listed) - set(want))]
+    assert not problems, "\n".join(problems)
+
+
+def test_code_fingerprint_follows_behaviour_not_comments(tmp_path):
+    from kat_nb.pipeline import fingerprint, stage_modules
+    for d in ("kat_nb", "nbs/stages"):                                # a copy: the repository itself is never edited
+        shutil.copytree(ROOT/d, tmp_path/d, ignore=shutil.ignore_patterns("__pycache__"))
+    lib = tmp_path/"kat_nb"
+    fp = lambda: fingerprint({"lr": 1e-3}, [], code=stage_modules("midtrain", tmp_path))
+    fp0 = fp()
+    assert lib/"tree.py" in stage_modules("midtrain", tmp_path)       # reached only through kat_nb.train
+    assert lib/"eval.py" not in stage_modules("midtrain", tmp_path)
+    tree = lib/"tree.py"
+    src = tree.read_text()
+    first = next(l for l in src.splitlines() if l.startswith(("import ", "from ")))
+    tree.write_text("# a comment\n\n" + src.replace(first, first + "   # another", 1) + "\n\n# and one more\n")
+    assert fp() == fp0, "a comment-only edit changed the code fingerprint"
+    (lib/"eval.py").write_text((lib/"eval.py").read_text() + "\nUNRELATED = 1\n")
+    assert fp() == fp0, "an edit to a module the stage does not import changed its code fingerprint"
+    tree.write_text(tree.read_text() + "\nMAX_DEPTH = 64\n")
+    fp1 = fp()
+    assert fp1 != fp0, "a behaviour-changing edit left the code fingerprint unchanged"
+    train = lib/"train.py"                                            # a new import (inside a function) joins the closure
+    train.write_text(train.read_text() + "\ndef _probe():\n    from kat_nb.eval import evaluate\n    return evaluate\n")
+    assert lib/"eval.py" in stage_modules("midtrain", tmp_path) and fp() != fp1
 
 
 @pytest.mark.parametrize("bad,expected", [

@@ -72,7 +72,8 @@ def test_loss_falls(tmp_path, tok_dir):
     assert steps == list(range(5, 41, 5))
     for f in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
         assert (tmp_path/"out"/f).exists(), f
-    # a rerun of the finished run (e.g. `dvc repro` after a code change the fingerprint ignores) trains nothing more
+    # a rerun of the finished run (the stage's fingerprint of params, inputs and code matches: `dvc repro -f`, a
+    # comment-only edit, a new plot in the stage notebook) trains nothing more
     weights = (tmp_path/"out"/"model.safetensors").read_bytes()
     again = run_midtrain(rows, rows[:12], tok_dir, TINY, params(), tmp_path/"out", tmp_path/"live", seed=0, echo=None)
     assert again["train_steps"] == 40 and again["seconds"] == 0.0 and again["tokens_per_s"] is None

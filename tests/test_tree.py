@@ -186,8 +186,12 @@ def test_prune_keeps_tool_nodes():
     for i, k in enumerate(small.kind):                              # no kept call without its result
         if k == "tool_call" and any(tree.kind[c] == "tool" for c in tree.children[_orig(tree, small, i)]):
             assert any(small.kind[c] == "tool" for c in kids[i]), i
-    small2, _ = prune_tree(tree, budget, ent, keep_kinds=("memory",))
-    assert small2.n_tokens <= budget and "memory" in tree.kind
+    # keep_kinds + always: the named kind (and its ancestors) survives a budget the scores alone spend elsewhere
+    n_mem, tight = tree.kind.count("memory"), tree.n_tokens // 3
+    plain, _ = prune_tree(tree, tight, ent)
+    assert n_mem and "memory" not in plain.kind                     # pruned without keep_kinds, so the next lines test it
+    small2, info2 = prune_tree(tree, tight, ent, keep_kinds=("memory",), always=True)
+    assert small2.n_tokens <= tight and small2.kind.count("memory") == n_mem and "memory" in info2["kept_kinds"], info2
 
 
 def _orig(tree, small, i):
