@@ -42,6 +42,7 @@ Usage: python scripts/sft_ablation.py NAME VARIANT STEPS ['{"lr": 3e-3, "init": 
 import json, random, shutil, sys, time
 from pathlib import Path
 import kat_nb.world as W
+import kat_nb.teacher as TE, kat_nb.tools as TL   # the modules whose functions the variants patch
 from kat_nb.core import read_jsonl
 from kat_nb.eval import evaluate
 from kat_nb.sft import run_sft
@@ -55,24 +56,24 @@ library_teacher = W.teacher_trajectory
 if variant == "pipe":
     def _view_pipe(ws, path):
         text = ws._read(path)
-        return W._clip("\n".join(f"{i}|{l}" for i, l in enumerate(text.splitlines(), 1)) or "(empty file)", ws.max_chars), None
-    W._view_file = W._HANDLERS["view_file"] = _view_pipe
+        return TL._clip("\n".join(f"{i}|{l}" for i, l in enumerate(text.splitlines(), 1)) or "(empty file)", ws.max_chars), None
+    TL._view_file = TL._HANDLERS["view_file"] = _view_pipe
 
 if variant == "quote":          # the reflection quotes the buggy line (a copy from the file view) before saying what is wrong
-    library_reason = W._reason
+    library_reason = TE._reason
     def _reason_quoted(task):
         r, m = library_reason(task), task.meta
         if m["bug_kind"] == "missing_branch": return r
         line = task.files[m["module"]].splitlines()[m["bug_line"] - 1]
         return r.replace(f"line {m['bug_line']}: ", f"line {m['bug_line']} `{line}`: ", 1)
-    W._reason = _reason_quoted
+    TE._reason = _reason_quoted
 
 def variant_trajectory(task, seed=0):
     if variant in ("base", "line", "pipe", "recover", "quote"): return library_teacher(task, seed)
     if variant == "notools": return {**library_teacher(task, seed), "tools": None}
     rng, m = random.Random(f"teacher:{task.id}:{seed}"), task.meta
-    mod, reason = m["module"], W._reason(task)
-    plan = (rng.choice(W._PLANS).format(m=mod, f=m["func_name"]), "view_file", {"path": mod})
+    mod, reason = m["module"], TE._reason(task)
+    plan = (rng.choice(TE._PLANS).format(m=mod, f=m["func_name"]), "view_file", {"path": mod})
     first = ([(f"Plan: reproduce the failure, read {mod}, fix {m['func_name']}, rerun the tests.", "run_tests", {}),
               (f"Reflection: read {mod}.", "view_file", {"path": mod})] if variant == "reorder" else
              [plan, ("Reflection: now reproduce the failure.", "run_tests", {})])
@@ -81,14 +82,14 @@ def variant_trajectory(task, seed=0):
     messages, steps_ = [{"role": "system", "content": W.SYSTEM_PROMPT}, {"role": "user", "content": task.issue}], []
     with W.Workspace.from_task(task) as ws:
         for content, tool, args in script:
-            messages.append(W._call_msg(content, tool, args)); res = ws.call(tool, args)
+            messages.append(TE._call_msg(content, tool, args)); res = ws.call(tool, args)
             steps_.append({"message_index": len(messages) - 1, "tool": tool, "status": res["status"], "exit_code": res["exit_code"]})
             messages.append({"role": "tool", "name": tool, "content": res["observation"]})
         resolved = ws.submitted and W.run_hidden_tests(task, ws.files()).ok
     return {"task_id": task.id, "family": task.family, "split": "train", "seed": seed, "tools": W.TOOLS, "messages": messages,
             "steps": steps_, "tree": {"node_id": f"{task.id}/0", "parent_id": None}, "resolved": bool(resolved)}
 
-W.teacher_trajectory = variant_trajectory          # teacher_trajectories (worker processes, fork) call it through the module
+TE.teacher_trajectory = variant_trajectory         # teacher_trajectories (worker processes, fork) call it through its module
 shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
 tasks = lambda split: [W.Task.from_dict(d) for d in read_jsonl(f"data/world/{split}.jsonl")]
 if variant == "mixture":
