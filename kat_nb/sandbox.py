@@ -493,7 +493,7 @@ class _Capture:
         mid = f"\n[... {dropped} bytes truncated ...]\n".encode() if dropped else b""
         return (bytes(self.head) + mid + bytes(self.tail)).decode("utf-8", errors="replace")
 
-# %% ../nbs/lib/02_sandbox.ipynb #180506e5
+# %% ../nbs/lib/02_sandbox.ipynb #246a6795
 def _write_files(root:Path, files:dict[str,str]):
     for rel, text in files.items():
         p = (root/rel).resolve()
@@ -516,6 +516,15 @@ def _signal_reason(code:int) -> str|None:
 def _system_threads() -> int:
     "Threads on the whole machine (the total of `/proc/loadavg`'s fourth field); one small read."
     with open("/proc/loadavg") as f: return int(f.read().split()[3].split("/")[1])
+
+def _tree_bytes(root:Path) -> int:
+    "Bytes the files under `root` occupy (links not followed)."
+    n = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            try: n += os.lstat(os.path.join(d, f)).st_blocks * 512
+            except OSError: pass
+    return n
 
 def _free_bytes(path:Path) -> int:
     st = os.statvfs(path); return st.f_bavail * st.f_frsize
@@ -644,6 +653,7 @@ def _feed(pipe, data:bytes):
 def _supervise(proc, timeout, max_output, t0, kind, guard=None, root=None, stdin=None, cg=None) -> ExecResult:
     "Drain both pipes, enforce the timeout, output cap and the watchdogs, reap the process group and the cgroup."
     disk_floor = _free_bytes(root) - DISK_MB * 2**20 if root is not None else None
+    ws_start, walked = (_tree_bytes(root) if root is not None else 0), 0.0
     if stdin is not None: _feed(proc.stdin, stdin.encode() if isinstance(stdin, str) else stdin)
     caps = {proc.stdout.fileno(): _Capture(max_output), proc.stderr.fileno(): _Capture(max_output)}
     sel = selectors.DefaultSelector()
@@ -664,8 +674,9 @@ def _supervise(proc, timeout, max_output, t0, kind, guard=None, root=None, stdin
                 reason = "output_limit"; kill_all(); break
             if guard is not None and _system_threads() > guard:
                 reason = "process_limit"; kill_all(); break
-            if disk_floor is not None and _free_bytes(root) < disk_floor:
-                reason = "disk_limit"; kill_all(); break
+            if disk_floor is not None and _free_bytes(root) < disk_floor and time.monotonic() - walked > 0.2:
+                walked = time.monotonic()                  # the file system filled up: by this run's workspace?
+                if _tree_bytes(root) - ws_start > DISK_MB * 2**20: reason = "disk_limit"; kill_all(); break
             if not leader_done and proc.poll() is not None:
                 leader_done = True; kill_all()               # background children die with their parent
         try: code = proc.wait(timeout=max(deadline - time.monotonic(), 0.01))

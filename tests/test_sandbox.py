@@ -294,6 +294,17 @@ def test_filling_the_disk_file_by_file_is_stopped(iso, monkeypatch):
     assert r.killed_reason == "disk_limit" and r.wall_s < 5, r
 
 
+def test_another_process_filling_the_same_file_system_does_not_stop_a_run(iso, monkeypatch):
+    "The disk watchdog counts the run's own workspace, not the whole file system (parallel runs share /dev/shm)."
+    monkeypatch.setattr(sandbox, "DISK_MB", 48)
+    other = sandbox.new_workspace("katnb-other-")
+    def fill(): time.sleep(0.3); (other/"big").write_bytes(b"0" * (100 * 2**20))
+    th = threading.Thread(target=fill); th.start()
+    try: r = execute(["sleep", "1.5"], timeout=10, isolation=iso)
+    finally: th.join(); import shutil; shutil.rmtree(other)
+    assert r.ok and r.killed_reason is None, r
+
+
 # --- isolation only bubblewrap provides ----------------------------------------------------------------
 
 def test_bubblewrap_details_outside_the_workspace(bwrap, tmp_path):
