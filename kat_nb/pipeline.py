@@ -12,9 +12,9 @@ from .config import STAGES, MATRIX, ParamsError, load_params, stage_parameters, 
 
 # %% auto #0
 __all__ = ['STAGE_NB_DIR', 'STRIP_DIR', 'log', 'SANDBOXED_STAGES', 'PKG', 'BENCHES', 'stage_notebook', 'strip_notebook',
-           'strip_all', 'StageNotebookError', 'check_parameters', 'run_stage', 'kat_imports', 'notebook_imports',
-           'module_closure', 'stage_modules', 'code_fingerprint', 'fingerprint', 'prepare_checkpoints', 'format_table',
-           'run_bench']
+           'strip_all', 'StageNotebookError', 'check_parameters', 'sandbox_record', 'run_stage', 'kat_imports',
+           'notebook_imports', 'module_closure', 'stage_modules', 'code_fingerprint', 'fingerprint',
+           'prepare_checkpoints', 'format_table', 'run_bench']
 
 # %% ../nbs/lib/07_pipeline.ipynb #12df7bd7
 STAGE_NB_DIR = "nbs/stages"
@@ -67,9 +67,15 @@ def check_parameters(nb_path:Path|str, expected:dict) -> dict:
     if problems: raise StageNotebookError(f"{nb_path}: parameters cell: " + "; ".join(problems))
     return {k: v["default"] for k, v in found.items()}
 
-# %% ../nbs/lib/07_pipeline.ipynb #d6f3d923
+# %% ../nbs/lib/07_pipeline.ipynb #2a994c17
 log = logging.getLogger("kat_nb")
 SANDBOXED_STAGES = ("data", "sft", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
+
+def sandbox_record(executes_code:bool) -> dict:
+    "The run record's `sandbox`: what isolates a stage that executes code (raises `SandboxUnavailable` without one), else the backend in force."
+    from .sandbox import isolation, wanted_backend, bwrap_status
+    if executes_code: return {**isolation(), "executes_code": True}
+    return {"backend": "rlimits" if wanted_backend() == "rlimits" else "bwrap" if bwrap_status()[0] else None, "executes_code": False}
 
 def run_stage(stage:str,               # a stage of `STAGES`
               profile:str|None=None,    # override base.profile
@@ -87,10 +93,8 @@ def run_stage(stage:str,               # a stage of `STAGES`
     stripped = root/STRIP_DIR/src.name
     if not stripped.exists() or stripped.stat().st_mtime < src.stat().st_mtime: strip_notebook(src, stripped)
     check_parameters(stripped, expected)
-    iso = None
-    if stage in SANDBOXED_STAGES:                # no sandbox: stop here, before anything runs, with the fix in the message
-        from .sandbox import isolation
-        iso = isolation()
+    iso = sandbox_record(stage in SANDBOXED_STAGES)   # no sandbox for a stage that runs code: stop here, with the fix
+    if iso["executes_code"]:
         log.info("kat-nb: stage %s executes code under %s%s", stage, iso["backend"],
                  f" ({iso['mode']} mode)" if iso["backend"] == "bwrap" else ": NO file-system isolation (KAT_NB_SANDBOX=rlimits)")
     dirs = stage_dirs(out_root)

@@ -67,7 +67,7 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
         assert json.loads((smoke_repo/"metrics"/rec).read_text())["sandbox"]["backend"] == want, rec
     for m in ("sft/world.json", "teacher/world.json", "base/humaneval.json"):
         assert json.loads((smoke_repo/"metrics"/m).read_text())["sandbox"]["backend"] == want, m
-    assert json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())["sandbox"] is None     # it runs no code
+    assert json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())["sandbox"] == {"backend": want, "executes_code": False}
 
     t0 = time.time(); r2 = _sh(["dvc", "repro"], smoke_repo)
     assert "Running stage" not in r2.stdout and time.time() - t0 < 60, r2.stdout
@@ -86,7 +86,7 @@ def test_killed_repro_resumes_from_last_checkpoint(tmp_path):
     p["midtrain"].update(max_steps=300, save_steps=40, eval_steps=300)  # long enough to be killed mid-way
     prof.write_text(yaml.safe_dump(p))
     _sh(["dvc", "repro", "tokenizer"], repo, KAT_NB_SANDBOX="rlimits")          # the explicit opt-in: it runs, and says so
-    assert json.loads((repo/"metrics"/"data.run.json").read_text())["sandbox"]["backend"] == "rlimits"
+    for rec in ("data", "tokenizer"): assert json.loads((repo/"metrics"/f"{rec}.run.json").read_text())["sandbox"]["backend"] == "rlimits", rec
     with open(tmp_path/"killed.log", "w") as logf:
         proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(repo), stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
