@@ -67,7 +67,7 @@ class Episode:
         self.messages.append({"role": "tool", "name": tool, "content": observation})
         self.steps.append({"message_index": self._turn_index, "tool": tool, "status": status, "exit_code": exit_code})
 
-# %% ../nbs/lib/10_env.ipynb #c6225308
+# %% ../nbs/lib/10_env.ipynb #f84cbd3a
 def _record(ep:Episode, policy:str, resolved:bool, env_error:str|None, wall_s:float) -> dict:
     m = ep.task.meta
     return {"task_id": ep.task.id, "family": ep.task.family, "split": m.get("split", "test"), "seed": 0, "tools": TOOLS,
@@ -80,31 +80,35 @@ def run_episodes(tasks:list[Task], policy:Policy,
                  max_chars:int=12000,       # conversation budget (characters); over it the episode ends
                  tool_timeout:float=10.0,   # seconds per command / test run
                  max_format_errors:int|None=2, # consecutive turns without a well-formed tool call that end an episode (None: never)
+                 keep_files:bool=False,     # add each episode's final workspace (`files`) to its record (RFT/RL rewards read it)
                 ) -> list[dict]:
-    """Run `policy` on every task through the real environment; one trajectory record per task.
-    A policy that stops producing tool calls is done: after `max_format_errors` such turns in a row the episode ends
-    (finish `format_errors`), the way agent harnesses stop requerying a model after repeated format errors (SWE-agent's
-    requery limit). An untrained checkpoint then costs 2 turns per task instead of `max_turns`."""
+    """Run `policy` on every task through the real environment; one trajectory record per task, in order (a task listed
+    G times is G episodes: a GRPO group). A policy that stops producing tool calls is done: after `max_format_errors`
+    such turns in a row the episode ends (finish `format_errors`), the way agent harnesses stop requerying a model after
+    repeated format errors (SWE-agent's requery limit). An untrained checkpoint then costs 2 turns per task instead of
+    `max_turns`."""
     t0 = time.time()
-    eps, records = [], {}
-    for t in tasks:
-        ref = run_hidden_tests(t, t.solutions[0]) if t.solutions else None
+    eps, records, checked = [], [None] * len(tasks), {}
+    for i, t in enumerate(tasks):
+        if t.id not in checked: checked[t.id] = run_hidden_tests(t, t.solutions[0]) if t.solutions else None
+        ref = checked[t.id]
         if ref is None or not ref.ok:
             why = "no reference solution" if ref is None else f"hidden tests fail on the reference solution: {(ref.stdout + ref.stderr)[-300:]}"
             ep = Episode.start(t, tool_timeout); ep.done, ep.finish = True, "env_error"; ep.ws.close()
-            records[t.id] = _record(ep, policy.name, False, why, 0.0)
-        else: eps.append(Episode.start(t, tool_timeout))
+            records[i] = _record(ep, policy.name, False, why, 0.0) | ({"files": None} if keep_files else {})
+        else: eps.append((i, Episode.start(t, tool_timeout)))
     try:
-        while (live := [e for e in eps if not e.done]):
+        while (live := [e for _, e in eps if not e.done]):
             for e, text in zip(live, policy.act(live)): e.step(text, max_turns, max_format_errors)
             for e in live:
                 if not e.done and sum(len(m["content"]) for m in e.messages) > max_chars: e.done, e.finish = True, "max_tokens"
-        for e in eps:
-            resolved = e.finish == "submit" and run_hidden_tests(e.task, e.ws.files(), tool_timeout).ok
-            records[e.task.id] = _record(e, policy.name, bool(resolved), None, time.time() - t0)
+        for i, e in eps:
+            files = e.ws.files()
+            resolved = e.finish == "submit" and run_hidden_tests(e.task, files, tool_timeout).ok
+            records[i] = _record(e, policy.name, bool(resolved), None, time.time() - t0) | ({"files": files} if keep_files else {})
     finally:
-        for e in eps: e.ws.close()
-    return [records[t.id] for t in tasks]
+        for _, e in eps: e.ws.close()
+    return records
 
 # %% ../nbs/lib/10_env.ipynb #387cd15d
 class TeacherPolicy:

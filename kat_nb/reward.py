@@ -91,7 +91,7 @@ def reference_reward(prompts, completions, task, files, references, aggregate:st
     return [_component(_reference, t, c, f, r, aggregate, tau, patch_weight)[0]
             for t, c, f, r in zip(task, completions, files, references)]
 
-# %% ../nbs/lib/14_reward.ipynb #dbcff559
+# %% ../nbs/lib/14_reward.ipynb #053d6ed9
 def task_references(task, trajectories:list[dict]=()) -> list[dict]:
     "A task's references: each fixed repository in `task.solutions`, with the given trajectories paired in order."
     t, trajs = _task(task), list(trajectories)
@@ -99,13 +99,17 @@ def task_references(task, trajectories:list[dict]=()) -> list[dict]:
 
 def score_rollouts(tasks:list, messages:list, files:list, references:list,
                    weights:dict|None=None,    # {"tests": 1.0, "format": 0.1, "reference": 0.2}
-                   aggregate:str="max", tau:float=0.1, patch_weight:float=0.5, timeout:float=10.0) -> list[dict]:
+                   aggregate:str="max", tau:float=0.1, patch_weight:float=0.5, timeout:float=10.0,
+                   resolved:list[bool]|None=None, # the environment's own verdicts (submitted and passing): no second scoring
+                  ) -> list[dict]:
     "Every reward component of each rollout, the weighted reward, and why a component scored zero."
     w = {"tests": 1.0, "format": 0.1, "reference": 0.2, **(weights or {})}
     if set(w) != {"tests", "format", "reference"}: raise ValueError(f"reward weights: unknown keys {sorted(set(w) - {'tests', 'format', 'reference'})}")
     out = []
-    for t, m, f, r in zip(tasks, messages, files, references, strict=True):
-        parts = {"tests": _component(_tests, t, f, timeout), "format": _component(_format, m),
+    verdicts = [None] * len(tasks) if resolved is None else resolved
+    for t, m, f, r, v in zip(tasks, messages, files, references, verdicts, strict=True):
+        tests = _component(_tests, t, f, timeout) if v is None else (1.0, None) if v else (0.0, "not resolved (submitted and passing)")
+        parts = {"tests": tests, "format": _component(_format, m),
                  "reference": _component(_reference, t, m, f, r, aggregate, tau, patch_weight)}
         row = {k: v for k, (v, _) in parts.items()}
         row["reward"] = sum(w[k] * row[k] for k in w)
