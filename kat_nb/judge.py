@@ -86,12 +86,9 @@ def _explain(e, fn, broken=False):
     return line if isinstance(e, AssertionError) else err
 '''
 
-# %% ../nbs/lib/02a_judge.ipynb #0a8b11d4
+# %% ../nbs/lib/02a_judge.ipynb #a525b89a
 JUDGE = _CODEC + r'''
 import os, sys, builtins, _signal as signal, ctypes      # _signal: no enum import (a faster start; no json either)
-
-def _send(f, value):
-    s = encode(value); f.write(f"{len(s)}\n{s}"); f.flush()
 
 def _recv(f):
     "The next message, or None at the end of the stream; ValueError for anything malformed."
@@ -144,7 +141,8 @@ class RemoteError(Exception):
 
 def _rpc(*req):
     if _broken: raise RemoteError(f"the code under test is unavailable: {_broken[0]}")
-    try: _send(_req, req); resp = _recv(_resp)
+    msg = encode(req)                                  # arguments that cannot cross raise here, in the test
+    try: _req.write(f"{len(msg)}\n{msg}"); _req.flush(); resp = _recv(_resp)
     except TimeoutError: _broken.append("an earlier call timed out"); raise
     except OSError as e: _broken.append(f"its process is gone ({e})"); raise RemoteError(_broken[0])
     except ValueError: _broken.append("it wrote garbage to the judge's channel"); raise RemoteError(_broken[0])
@@ -156,7 +154,6 @@ class RemoteFunction:
     "A function of the code under test: each call runs in the server and returns a decoded plain value."
     def __init__(self, module, name): self.module, self.name = module, name
     def __call__(self, *args, **kwargs):
-        encode(list(args)); encode(kwargs)             # what cannot cross raises here, in the test
         return _rpc("call", self.module, self.name, list(args), kwargs)["value"]
     def __repr__(self): return f"<function {self.module}.{self.name} of the code under test>"
 

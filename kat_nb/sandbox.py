@@ -213,7 +213,7 @@ def backend() -> str:
     if ok: return "bwrap"
     raise SandboxUnavailable(unavailable_message(why))
 
-# %% ../nbs/lib/02_sandbox.ipynb #603fb372
+# %% ../nbs/lib/02_sandbox.ipynb #fca26553
 @functools.lru_cache(maxsize=None)
 def _unshare_prefix() -> tuple[tuple[str, ...]|None, str]:
     "The `unshare` command line that gives the fallback its namespaces here, or None and why not (probed once)."
@@ -257,7 +257,7 @@ def announce_fallback():
 def isolation(kind:str|None=None, # "bwrap" or "rlimits"; None = `backend()`
              ) -> dict:
     "What the sandbox isolates now, for run records and metrics (raises `SandboxUnavailable` like `backend`)."
-    if kind == "bwrap" and not bwrap_status()[0]: raise SandboxUnavailable(unavailable_message(bwrap_status()[1]))
+    if kind == "bwrap" and not (ok := bwrap_status())[0]: raise SandboxUnavailable(unavailable_message(ok[1]))
     if kind == "rlimits": announce_fallback()
     kind, cg = kind or backend(), cgroup_status()
     if kind == "bwrap":
@@ -277,7 +277,7 @@ def new_workspace(prefix:str="katnb-ws-") -> Path:
     "A fresh, empty temporary workspace folder (the caller removes it)."
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_base())).resolve()
 
-# %% ../nbs/lib/02_sandbox.ipynb #2a970b4f
+# %% ../nbs/lib/02_sandbox.ipynb #00474ea5
 class OutsideWorkspace(ValueError):
     "A workspace path that leads outside it: an absolute path, `..`, a symbolic link, or a hard link to a file elsewhere."
 
@@ -303,7 +303,7 @@ def contained(root:Path|str,          # the workspace
         raise OutsideWorkspace(f"{rel}: leads outside the workspace{via}")
     try: st = p.stat()
     except OSError: return p                              # does not exist (yet): the caller says so
-    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_nlink > (links or _link_counts(root))[st.st_dev, st.st_ino]:
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_nlink > (links if links is not None else _link_counts(root))[st.st_dev, st.st_ino]:
         raise OutsideWorkspace(f"{rel}: a hard link to a file outside the workspace")
     return p
 
