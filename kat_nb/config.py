@@ -13,10 +13,10 @@ from .core import repo_root, from_root
 
 # %% auto #0
 __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParams', 'HFSource', 'DataParams', 'TokenizerParams',
-           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'EvalParams', 'Params', 'ParamsError',
-           'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
+           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'Params',
+           'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #914896be
+# %% ../nbs/lib/01_config.ipynb #e19d0c08
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -157,6 +157,52 @@ class SftParams(_Section):
     @model_validator(mode="after")
     def _batch(self): return MidtrainParams._batch(self)
 
+class RftParams(_Section):
+    "Stage 3, RFT (kat_nb.rft): GRPO on the SFT policy's own episodes, scored by the hidden tests and the nearest of several references."
+    references: Literal["multi", "single"] = "multi"  # ground truths per task: every valid fix x route (multi) or the default trajectory (single)
+    reference_workers: int = Field(2, ge=1)           # processes building the references (executed, checked by the hidden tests)
+    steps: int = Field(10, ge=1)                      # RFT steps: one generation of tasks_per_step x group_size rollouts each
+    tasks_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2)                  # G rollouts per task (GRPO's group)
+    minibatch_size: int = Field(16, ge=1)             # rollouts per optimizer step (a step's rollouts / this = updates per epoch)
+    epochs: int = Field(1, ge=1)                      # passes over a step's rollouts (GRPO's mu; > 1 makes the clip bite)
+    learning_rate: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)                # optimizer steps
+    kl_coef: float = Field(0.04, ge=0)                # beta of the KL term to the SFT policy (0: no reference model)
+    clip: float = Field(0.2, gt=0)                    # epsilon of the clipped importance ratio
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"   # TRL's normalisation of the token losses
+    scale_rewards: bool = True                        # divide advantages by the group's standard deviation
+    temperature: float = Field(0.7, gt=0)             # sampling temperature of the rollouts (and of the logits the loss sees)
+    max_new_tokens: int = Field(128, ge=8)            # per assistant turn
+    max_turns: int = Field(8, ge=1)
+    max_chars: int = Field(12000, ge=500)             # conversation budget of an episode (characters)
+    max_format_errors: Optional[int] = Field(2, ge=1)
+    tool_timeout: float = Field(10.0, gt=0)
+    rollout_batch_size: int = Field(64, ge=1)         # episodes generated together
+    max_completion_tokens: int = Field(1400, ge=16)   # an episode's tokens after the prompt that the loss sees
+    drift_mode: Literal["off", "stop", "correct"] = "stop"  # what happens to a rollout far from every reference
+    drift_threshold: float = Field(0.5, ge=0, le=1)   # distance to the nearest reference prefix beyond which a turn drifts
+    drift_patience: int = Field(2, ge=1)              # drifting turns in a row before the rollout is stopped or corrected
+    max_corrections: int = Field(2, ge=0)             # spliced reference turns per rollout (correct mode)
+    resample_budget: int = Field(0, ge=0)             # stopped rollouts per step that are sampled again (stop mode)
+    reward_weights: dict[Literal["tests", "format", "reference"], float] = {"tests": 1.0, "format": 0.1, "reference": 0.2}
+    aggregate: Literal["max", "mean", "softmax"] = "max"   # how the similarities to the references combine
+    tau: float = Field(0.1, gt=0)                     # softmax temperature of the aggregate
+    patch_weight: float = Field(0.5, ge=0, le=1)      # share of the patch in a similarity (the rest: the route)
+    save_every: int = Field(2, ge=1)                  # checkpoint every this many RFT steps (resume after a kill)
+    use_cpu: bool = True
+
+    @model_validator(mode="after")
+    def _shape(self):
+        n = self.tasks_per_step * self.group_size
+        if n % self.minibatch_size:
+            raise ValueError(f"tasks_per_step x group_size = {n} is not a multiple of minibatch_size {self.minibatch_size}")
+        if self.minibatch_size % self.group_size and self.group_size % self.minibatch_size:
+            raise ValueError(f"minibatch_size {self.minibatch_size} and group_size {self.group_size}: one must divide the other")
+        if set(self.reward_weights) != {"tests", "format", "reference"}:
+            raise ValueError(f"reward_weights needs tests, format and reference (got {sorted(self.reward_weights)})")
+        return self
+
 class EvalParams(_Section):
     checkpoints: list[str] = ["base", "midtrain"]   # model folders under models/ scored by the eval matrix
     suites: list[Literal["world", "humaneval"]] = ["world", "humaneval"]
@@ -176,6 +222,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     midtrain: MidtrainParams = MidtrainParams()
     sft: SftParams = SftParams()
+    rft: RftParams = RftParams()
     eval: EvalParams = EvalParams()
 
 # %% ../nbs/lib/01_config.ipynb #4c4e9157
@@ -245,12 +292,13 @@ def load_params(path:str|Path="params.yaml", # the params file (relative to the 
     merged.setdefault("base", {})["profile"] = name
     return validate_params(merged, f"{ppath.relative_to(root) if ppath.is_relative_to(root) else ppath} over {path.name}")
 
-# %% ../nbs/lib/01_config.ipynb #1e248c7f
+# %% ../nbs/lib/01_config.ipynb #91144a61
 STAGES = {  # stage -> (its own section, other sections it reads); the order is the curriculum's
     "data": ("data", ()),
     "tokenizer": ("tokenizer", ("model",)),
     "midtrain": ("midtrain", ("model",)),
-    "sft": ("sft", ("model",)),      # runnable with `kat-nb run sft`; not yet a DVC stage (see the sft notebook)
+    "sft": ("sft", ("model",)),
+    "rft": ("rft", ()),
     "eval": ("eval", ("model",)),
     "report": ("eval", ()),
 }

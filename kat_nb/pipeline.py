@@ -67,9 +67,9 @@ def check_parameters(nb_path:Path|str, expected:dict) -> dict:
     if problems: raise StageNotebookError(f"{nb_path}: parameters cell: " + "; ".join(problems))
     return {k: v["default"] for k, v in found.items()}
 
-# %% ../nbs/lib/07_pipeline.ipynb #2a994c17
+# %% ../nbs/lib/07_pipeline.ipynb #69397dac
 log = logging.getLogger("kat_nb")
-SANDBOXED_STAGES = ("data", "sft", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
+SANDBOXED_STAGES = ("data", "sft", "rft", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
 
 def sandbox_record(executes_code:bool) -> dict:
     "The run record's `sandbox`: what isolates a stage that executes code (raises `SandboxUnavailable` without one), else the backend in force."
@@ -189,7 +189,7 @@ def prepare_checkpoints(ckpt_dir:Path|str, fp:str) -> bool:
     ckpt_dir.mkdir(parents=True, exist_ok=True); stamp.write_text(fp+"\n")
     return has and old == fp
 
-# %% ../nbs/lib/07_pipeline.ipynb #918a42bf
+# %% ../nbs/lib/07_pipeline.ipynb #5f4c1575
 BENCHES = {  # name -> "module:function"
     "midtrain": "kat_nb.train:bench_midtrain_mixture",
     "rollout": "kat_nb.env:bench_rollout",
@@ -197,6 +197,7 @@ BENCHES = {  # name -> "module:function"
     "tree": "kat_nb.tree:bench_tree",
     "balance": "kat_nb.data:bench_balance",
     "sft": "kat_nb.sft:bench_sft",
+    "rft": "kat_nb.rft:bench_rft",
 }
 
 def format_table(rows:list[dict]) -> str:

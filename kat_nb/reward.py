@@ -35,7 +35,7 @@ def patch_lines(before:dict[str, str], after:dict[str, str]) -> list[str]:
         out += [f"@{f}"] + [l for l in difflib.unified_diff(a, b, lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("+++", "---")]
     return out
 
-# %% ../nbs/lib/14_reward.ipynb #c5101f0d
+# %% ../nbs/lib/14_reward.ipynb #be397146
 def _tests(task, files, timeout:float=10.0) -> tuple[float, str|None]:
     if not isinstance(files, dict) or not files: return 0.0, "no final workspace"
     r = run_hidden_tests(_task(task), files, timeout)
@@ -52,15 +52,18 @@ def _component(fn, *args, **kw) -> tuple[float, str|None]:
     try: return fn(*args, **kw)
     except Exception as e: return 0.0, f"{fn.__name__.strip('_')} failed: {type(e).__name__}: {e}"
 
-def tests_reward(prompts, completions, task, files, **kwargs) -> list[float]:
-    "TRL reward: 1.0 when the rollout's final workspace passes the task's hidden tests, else 0.0."
+def tests_reward(prompts, completions, task, files, resolved=None, **kwargs) -> list[float]:
+    """TRL reward: 1.0 when the rollout's final workspace passes the task's hidden tests, else 0.0. With `resolved` (the
+    environment's verdicts: submitted and passing, as a rollout function hands them over) no workspace is scored twice."""
+    if resolved is not None: return [float(bool(v)) for v in resolved]
     return [_component(_tests, t, f)[0] for t, f in zip(task, files)]
 
-def format_reward(prompts, completions, **kwargs) -> list[float]:
-    "TRL reward: the share of the rollout's assistant turns that made well-formed tool calls."
-    return [_component(_format, c)[0] for c in completions]
+def format_reward(prompts, completions, messages=None, **kwargs) -> list[float]:
+    """TRL reward: the share of the rollout's assistant turns that made well-formed tool calls. `messages` (the episodes'
+    parsed turns, as a multi-turn rollout function hands them over) take the place of `completions` when given."""
+    return [_component(_format, c)[0] for c in (messages if messages is not None else completions)]
 
-# %% ../nbs/lib/14_reward.ipynb #d9bcd41e
+# %% ../nbs/lib/14_reward.ipynb #35014fcb
 def similarity(task, messages, files:dict, reference:dict,
                patch_weight:float=0.5,   # share of the patch in the similarity (the rest: the tool-call route)
               ) -> float:
@@ -86,10 +89,10 @@ def _reference(task, messages, files, references, how="max", tau=0.1, patch_weig
     return aggregate([similarity(task, messages, files, r, patch_weight) for r in references], how, tau), None
 
 def reference_reward(prompts, completions, task, files, references, aggregate:str="max", tau:float=0.1,
-                     patch_weight:float=0.5, **kwargs) -> list[float]:
-    "TRL reward: similarity of each rollout to the nearest (or mean, or softmax-weighted) of its task's references."
+                     patch_weight:float=0.5, messages=None, **kwargs) -> list[float]:
+    "TRL reward: similarity of each rollout to the nearest (or mean, or softmax-weighted) of its task's references (`messages` as in `format_reward`)."
     return [_component(_reference, t, c, f, r, aggregate, tau, patch_weight)[0]
-            for t, c, f, r in zip(task, completions, files, references)]
+            for t, c, f, r in zip(task, messages if messages is not None else completions, files, references)]
 
 # %% ../nbs/lib/14_reward.ipynb #053d6ed9
 def task_references(task, trajectories:list[dict]=()) -> list[dict]:

@@ -1,6 +1,6 @@
 """The pipeline end to end on the `smoke` profile, in a throwaway copy of the repository.
 
-`dvc repro` runs data → tokenizer → midtrain → sft → eval → report; a second `dvc repro` runs nothing; `dvc exp
+`dvc repro` runs data → tokenizer → midtrain → sft → rft → eval → report; a second `dvc repro` runs nothing; `dvc exp
 run -S midtrain.<key>=…` reruns midtrain and what depends on it, not data or tokenizer; a `dvc repro` killed during mid-training resumes from the last
 checkpoint; a code change retrains instead of resuming the finished run. Plus the runner's refusals: a bad params
 key or type, a stage notebook without its `parameters` tag. And dvc.yaml's `kat_nb/*.py` deps against the import
@@ -41,6 +41,19 @@ def copy_repo(dst: Path, profile: str = "smoke") -> Path:
     return dst
 
 
+def kill_after_first_checkpoint(args, repo: Path, ckpts: Path, log: Path) -> list[int]:
+    "Run `args`, SIGKILL its whole process group once a checkpoint under `ckpts` is complete; the steps saved by then."
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(args, cwd=repo, env=_env(repo), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")): time.sleep(0.5)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    saved = sorted(int(c.name.split("-")[1]) for c in ckpts.glob("checkpoint-*") if (c/"trainer_state.json").exists())
+    assert saved, f"no checkpoint was written before the kill:\n{log.read_text()[-3000:]}"
+    return saved
+
+
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory):
     return copy_repo(tmp_path_factory.mktemp("repo"))
@@ -49,7 +62,8 @@ def smoke_repo(tmp_path_factory):
 @pytest.mark.xdist_group("pipeline")
 def test_repro_then_nothing_then_only_dependents(smoke_repo):
     r = _sh(["dvc", "repro"], smoke_repo)
-    for stage in ("data", "tokenizer", "midtrain", "sft", "eval@sft-world", "report"): assert f"Running stage '{stage}'" in r.stdout, r.stdout
+    for stage in ("data", "tokenizer", "midtrain", "sft", "rft", "eval@sft-world", "eval@rft-world", "report"):
+        assert f"Running stage '{stage}'" in r.stdout, r.stdout
     m = json.loads((smoke_repo/"metrics"/"midtrain.json").read_text())
     assert m["val_loss_end"] < m["val_loss_start"], m
     rec = json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())
@@ -61,9 +75,13 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     world = json.loads((smoke_repo/"metrics"/"sft"/"world.json").read_text())
     assert "resolve_rate" in world and world["unseen_kinds/tasks"] >= 1 and world["seen_kinds/tasks"] >= 1, world   # the held-out kind apart
     assert set(json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_by_kind"]["sft"]) == {"seen", "unseen"}
+    rft = json.loads((smoke_repo/"metrics"/"rft.json").read_text())                # RFT from the SFT checkpoint, scored by eval
+    assert rft["rft_steps"] == 2 and rft["rollouts_this_run"] == 8 and rft["references"]["references_min"] >= 4, rft
+    assert "rft" in json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_resolve_rate"]
+    assert (smoke_repo/"dvclive"/"rft"/"metrics.json").exists() and (smoke_repo/"data"/"rft"/"references.jsonl").exists()
     # every stage that executes code records the isolation it ran under, and so does every evaluation's metrics
     want = "rlimits" if os.environ.get("KAT_NB_SANDBOX") == "rlimits" else "bwrap"
-    for rec in ("data.run.json", "sft.run.json", "sft/world.run.json", "teacher/humaneval.run.json"):
+    for rec in ("data.run.json", "sft.run.json", "rft.run.json", "sft/world.run.json", "teacher/humaneval.run.json"):
         assert json.loads((smoke_repo/"metrics"/rec).read_text())["sandbox"]["backend"] == want, rec
     for m in ("sft/world.json", "teacher/world.json", "base/humaneval.json"):
         assert json.loads((smoke_repo/"metrics"/m).read_text())["sandbox"]["backend"] == want, m
@@ -74,7 +92,7 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
 
     _sh(["git", "add", "-A"], smoke_repo); _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock"], smoke_repo)
     r3 = _sh(["dvc", "exp", "run", "-S", "midtrain.learning_rate=0.002"], smoke_repo)
-    assert "Running stage 'midtrain'" in r3.stdout and "Running stage 'sft'" in r3.stdout, r3.stdout   # and its dependents
+    for stage in ("midtrain", "sft", "rft"): assert f"Running stage '{stage}'" in r3.stdout, r3.stdout   # and its dependents
     for stage in ("data", "tokenizer"): assert f"Running stage '{stage}'" not in r3.stdout, r3.stdout
 
 
@@ -87,16 +105,7 @@ def test_killed_repro_resumes_from_last_checkpoint(tmp_path):
     prof.write_text(yaml.safe_dump(p))
     _sh(["dvc", "repro", "tokenizer"], repo, KAT_NB_SANDBOX="rlimits")          # the explicit opt-in: it runs, and says so
     for rec in ("data", "tokenizer"): assert json.loads((repo/"metrics"/f"{rec}.run.json").read_text())["sandbox"]["backend"] == "rlimits", rec
-    with open(tmp_path/"killed.log", "w") as logf:
-        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(repo), stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    ckpts = repo/"models"/"midtrain"/"checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")): time.sleep(0.5)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
-    saved = sorted(int(c.name.split("-")[1]) for c in ckpts.glob("checkpoint-*") if (c/"trainer_state.json").exists())
-    assert saved, "no checkpoint was written before the kill"
+    saved = kill_after_first_checkpoint(["dvc", "repro"], repo, repo/"models"/"midtrain"/"checkpoints", tmp_path/"killed.log")
     r = _sh(["dvc", "repro"], repo)
     out = r.stdout + r.stderr
     assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
