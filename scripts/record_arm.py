@@ -1,0 +1,48 @@
+"""Record the stage results now in the workspace as one arm of an ablation table.
+
+An ablation arm is a real pipeline run (`dvc repro`, or `dvc exp run -S key=value`); this script only reads what that
+run wrote (`metrics/<stage>.json`, `metrics/<stage>/world.json`, `params.yaml`) and adds or replaces one row of
+`metrics/ablations/<table>.json` (keyed by arm and seed), with the binomial standard error of each resolve rate.
+
+    python scripts/record_arm.py --table rft_references --arm multi --stage rft
+"""
+import argparse, json, math
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def se(p, n): return round(math.sqrt(p * (1 - p) / n), 4) if n else None
+
+
+def row(stage: str, arm: str) -> dict:
+    params = yaml.safe_load((ROOT/"params.yaml").read_text())
+    world = json.loads((ROOT/"metrics"/stage/"world.json").read_text())
+    run = json.loads((ROOT/"metrics"/f"{stage}.json").read_text()) if (ROOT/"metrics"/f"{stage}.json").exists() else {}
+    out = {"arm": arm, "seed": params["base"]["seed"], "stage": stage, "params": params.get(stage, {})}
+    for key, n in (("resolve_rate", world["tasks"] - world["env_errors"]), ("seen_kinds/resolve_rate", world.get("seen_kinds/tasks")),
+                   ("unseen_kinds/resolve_rate", world.get("unseen_kinds/tasks"))):
+        if world.get(key) is not None: out[key], out[key.replace("resolve_rate", "se")] = world[key], se(world[key], n)
+    for k in ("rft_steps", "rollouts_this_run", "stopped_this_run", "corrected_this_run", "generated_tokens_this_run", "saved_share",
+              "reward_first", "reward_last", "seconds", "rollout_seconds", "update_seconds"):
+        if k in run: out[k] = run[k]
+    if run.get("rollouts_this_run"):
+        out["early_stop_rate"] = round(run.get("stopped_this_run", 0) / run["rollouts_this_run"], 4)
+    curve = ROOT/"dvclive"/stage/"plots"/"metrics"/stage/"rewards"/"tests"/"mean.tsv"
+    if curve.exists():   # the tests-reward curve, one value per RFT step
+        out["tests_reward_curve"] = [round(float(r.split("\t")[1]), 4) for r in curve.read_text().splitlines()[1:]]
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", required=True); ap.add_argument("--arm", required=True); ap.add_argument("--stage", default="rft")
+    a = ap.parse_args()
+    path = ROOT/"metrics"/"ablations"/f"{a.table}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"table": a.table, "rows": []}
+    r = row(a.stage, a.arm)
+    table["rows"] = [x for x in table["rows"] if (x["arm"], x["seed"]) != (r["arm"], r["seed"])] + [r]
+    path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(table, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in r.items() if k != "params"}))
