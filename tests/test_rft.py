@@ -155,3 +155,19 @@ def test_killed_rft_resumes_from_its_last_checkpoint(tmp_path):
     assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
     m = json.loads((repo/"metrics"/"rft.json").read_text())
     assert m["rft_steps"] == 12 and m["resumed_from"], m
+
+
+# --- the benchmark (no timing assertions) -------------------------------------------------------------------------
+
+def test_bench_rft_rows(tmp_path, tok):
+    import torch
+    from kat_nb.model import build_model
+    from kat_nb.rft import bench_rft
+    torch.manual_seed(0)
+    build_model({"source": "config", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                 "head_dim": 16, "intermediate_size": 64}, tok).save_pretrained(tmp_path); tok.save_pretrained(tmp_path)
+    rows = bench_rft(quick=True, model_dir=tmp_path)
+    assert [r["config"] for r in rows] == ["drift=off", "drift=stop", "drift=correct"]
+    for r in rows:
+        assert r["rollouts"] == 8 and r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0 and 0 <= r["saved_share"] < 1, r
+    assert rows[0]["stopped"] == rows[0]["corrected"] == 0
