@@ -203,7 +203,7 @@ def reward_functions(rft:dict) -> tuple[list[Callable], list[float]]:
     w = rft["reward_weights"]
     return [tests, format, reference], [float(w["tests"]), float(w["format"]), float(w["reference"])]
 
-# %% ../nbs/lib/16_rft.ipynb #48608488
+# %% ../nbs/lib/16_rft.ipynb #97299c41
 def _live_logger(live, echo, t_start):
     from transformers import TrainerCallback
     class RftCurves(TrainerCallback):
@@ -236,7 +236,7 @@ def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int):
                       mask_truncated_completions=False, logging_steps=1, save_strategy="steps", save_steps=spg * rft["epochs"] * rft["save_every"],
                       save_total_limit=2, report_to="none", use_cpu=rft["use_cpu"], bf16=False, seed=seed, data_seed=seed,
                       disable_tqdm=True, remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
-                      gradient_checkpointing=False)   # TRL turns it on by default: a ~25% recompute the tiny model does not need
+                      activation_checkpointing=False)   # TRL turns it on by default: a ~25% recompute the tiny model does not need
 
 def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one dataset row each)
             references:dict[str, list[dict]], # `build_references` of those tasks
