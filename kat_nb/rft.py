@@ -98,7 +98,7 @@ class DriftMonitor:
                 e.messages[e._turn_index]["loss"] = False
                 self.fixes[id(e)] = self.fixes.get(id(e), 0) + 1; self.corrected += 1; self.streak[id(e)] = 0
 
-# %% ../nbs/lib/16_rft.ipynb #f3450eee
+# %% ../nbs/lib/16_rft.ipynb #9b0d0741
 def _render(messages, tokenizer) -> tuple[list[int], list[int]]:
     "Token ids of `messages` rendered by the chat template, and 1 on the assistant tokens that carry loss (`\"loss\": false` turns: 0)."
     from kat_nb.sft import sft_tokenize
@@ -107,6 +107,12 @@ def _render(messages, tokenizer) -> tuple[list[int], list[int]]:
         return list(enc["input_ids"][0]), [int(x > 0) for x in enc["weights"][0]]
     ids = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
     return list(ids), [0] * len(ids)
+
+def _common(a, b) -> int:
+    "The length of the longest common prefix of two token lists."
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]: n += 1
+    return n
 
 def episode_tokens(messages:list[dict], tokenizer, max_completion:int|None=None) -> tuple[list[int], list[int], list[int]]:
     """An episode as GRPO sees it: the prompt's token ids (system + issue + the generation prompt), the completion's
@@ -123,12 +129,12 @@ def episode_tokens(messages:list[dict], tokenizer, max_completion:int|None=None)
     else:
         head = tokenizer.apply_chat_template(messages[:cut], tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         before, m0 = _render(messages[:cut], tokenizer) if cut > 2 else (prompt, [0] * len(prompt))
-        if list(head[:len(before)]) != before: raise ValueError("episode_tokens: the generation prompt does not extend the rendered conversation")
+        k = _common(head, before)             # the turn's context as the policy saw it (head); its loss mask from the rendering
         raw = tokenizer(messages[cut]["sampled"], add_special_tokens=False)["input_ids"]
         ids = list(head) + list(raw) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        mask = m0 + [0] * (len(head) - len(before)) + [1] * len(raw) + [0]
-    if ids[:len(prompt)] != prompt: raise ValueError("episode_tokens: the rendered episode does not start with its prompt")
-    comp, mask = ids[len(prompt):], mask[len(prompt):]
+        mask = m0[:k] + [0] * (len(head) - k) + [1] * len(raw) + [0]
+    p = _common(ids, prompt)                  # BPE may merge across the prompt's last newline and a turn that starts with
+    prompt, comp, mask = ids[:p], ids[p:], mask[p:]   # whitespace: the split is where the two tokenisations agree
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if len(comp) > 1 and comp[-2] == end: comp, mask = comp[:-1], mask[:-1]      # end on <|im_end|>, not the newline after it
     if max_completion and len(comp) > max_completion: comp, mask = comp[:max_completion], mask[:max_completion]
