@@ -16,7 +16,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'Params',
            'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #b731ec5c
+# %% ../nbs/lib/01_config.ipynb #d8aa3ee7
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -161,6 +161,8 @@ class RftParams(_Section):
     "Stage 3, RFT (kat_nb.rft): GRPO on the SFT policy's own episodes, scored by the hidden tests and the nearest of several references."
     references: Literal["multi", "single"] = "multi"  # ground truths per task: every valid fix x route (multi) or the default trajectory (single)
     reference_workers: int = Field(2, ge=1)           # processes building the references (executed, checked by the hidden tests)
+    select: Literal["all", "unsolved"] = "all"        # train tasks: the first steps x tasks_per_step of the seeded order, or those the SFT policy fails greedily
+    candidates: int = Field(192, ge=1)                # tasks the greedy probe runs (select: unsolved)
     steps: int = Field(10, ge=1)                      # RFT steps: one generation of tasks_per_step x group_size rollouts each
     tasks_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2)                  # G rollouts per task (GRPO's group)

@@ -17,7 +17,8 @@ from .reward import turns, tests_reward, format_reward, reference_reward, inform
 
 # %% auto #0
 __all__ = ['REFERENCE_MODES', 'DRIFT_MODES', 'build_references', 'actions', 'drift', 'next_reference_turn', 'DriftMonitor',
-           'episode_tokens', 'rft_prompt', 'RftRollouts', 'reward_functions', 'grpo_config', 'run_rft', 'bench_rft']
+           'episode_tokens', 'stream_tokens', 'rft_prompt', 'RftRollouts', 'reward_functions', 'select_tasks',
+           'grpo_config', 'run_rft', 'bench_rft']
 
 # %% ../nbs/lib/16_rft.ipynb #5bfd6e34
 REFERENCE_MODES = ("multi", "single")
@@ -140,7 +141,17 @@ def episode_tokens(messages:list[dict], tokenizer, max_completion:int|None=None)
     if max_completion and len(comp) > max_completion: comp, mask = comp[:max_completion], mask[:max_completion]
     return prompt, comp, mask
 
-# %% ../nbs/lib/16_rft.ipynb #4a93ca89
+# %% ../nbs/lib/16_rft.ipynb #0e003133
+def stream_tokens(record:dict, max_completion:int|None=None) -> tuple[list[int], list[int], list[int]]:
+    "Prompt ids, completion ids and `env_mask` of an episode record that carries its token stream (`tokens`, `token_mask`)."
+    ids, mask = record["tokens"], record["token_mask"]
+    if len(ids) != len(mask): raise ValueError(f"{record.get('task_id')}: token stream and mask differ in length ({len(ids)} vs {len(mask)})")
+    p = mask.index(1) if 1 in mask else len(ids)
+    comp, m = ids[p:], mask[p:]
+    if max_completion and len(comp) > max_completion: comp, m = comp[:max_completion], m[:max_completion]
+    return ids[:p], comp, m
+
+# %% ../nbs/lib/16_rft.ipynb #32d9cc6b
 def rft_prompt(task:Task) -> list[dict]:
     "A task as a GRPO dataset prompt: the episode's first two messages; the user message carries the task id for the rollout function."
     return [{"role": "system", "content": SYSTEM_PROMPT, "task_id": None}, {"role": "user", "content": task.issue, "task_id": task.id}]
@@ -167,7 +178,7 @@ class RftRollouts:
         tasks = [self.tasks[i] for i in ids]
         model = trainer.accelerator.unwrap_model(trainer.model)
         policy = HFPolicy(model, self.tok, name="rft", max_new_tokens=p["max_new_tokens"], batch_size=p["rollout_batch_size"],
-                          temperature=p["temperature"])
+                          temperature=p["temperature"], cross_turn_cache=True)
         mon = DriftMonitor(self.refs, p["drift_mode"], p["drift_threshold"], p["drift_patience"], p["max_corrections"],
                            p["max_turns"], p["max_format_errors"])
         try:
@@ -180,7 +191,8 @@ class RftRollouts:
         turns_taken = sum(r["turns"] for r in recs) or 1
         per_turn = policy.generated_tokens / turns_taken
         saved = round(mon.saved_turns * per_turn)
-        toks = [episode_tokens(r["messages"], self.tok, p["max_completion_tokens"]) for r in recs]
+        toks = [stream_tokens(r, p["max_completion_tokens"]) if r.get("tokens") else episode_tokens(r["messages"], self.tok, p["max_completion_tokens"])
+                for r in recs]
         G = trainer.num_generations
         resolved = [r["resolved"] for r in recs]
         stats = {"rft/resolved": sum(resolved) / len(recs), "rft/informative_groups": informative_groups([float(v) for v in resolved], G),
@@ -207,6 +219,29 @@ def reward_functions(rft:dict) -> tuple[list[Callable], list[float]]:
         return reference_reward(prompts, completions, aggregate=rft["aggregate"], tau=rft["tau"], patch_weight=rft["patch_weight"], **kw)
     w = rft["reward_weights"]
     return [tests, format, reference], [float(w["tests"]), float(w["format"]), float(w["reference"])]
+
+# %% ../nbs/lib/16_rft.ipynb #3082a9e8
+def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
+                 n:int,                  # tasks wanted (steps x tasks_per_step)
+                 policy=None,            # the initial policy (greedy), needed for `unsolved`
+                 mode:str="all",         # all | unsolved
+                 candidates:int=192,     # tasks the probe runs (unsolved)
+                 rft:dict|None=None,     # episode limits (max_turns, max_chars, tool_timeout, max_format_errors)
+                ) -> tuple[list[Task], dict]:
+    "The RFT tasks and a card of the choice (probe size, greedy-resolved share, how many unsolved were kept)."
+    if n > len(pool): raise ValueError(f"rft: steps x tasks_per_step = {n} tasks, but the train split has {len(pool)}")
+    if mode == "all": return pool[:n], {"select": "all", "tasks": n}
+    if mode != "unsolved": raise ValueError(f"rft.select: {mode!r} is not one of all, unsolved")
+    probe = pool[:max(n, min(candidates, len(pool)))]
+    p = rft or {}
+    t0 = time.time()
+    recs = run_episodes(probe, policy, max_turns=p.get("max_turns", 8), max_chars=p.get("max_chars", 12000),
+                        tool_timeout=p.get("tool_timeout", 10.0), max_format_errors=p.get("max_format_errors", 2))
+    failed = [t for t, r in zip(probe, recs) if not r["resolved"]]
+    solved = [t for t, r in zip(probe, recs) if r["resolved"]]
+    chosen = (failed + solved)[:n]
+    return chosen, {"select": "unsolved", "tasks": n, "candidates": len(probe), "greedy_resolved": round(len(solved) / len(probe), 4),
+                    "unsolved_kept": min(len(failed), n), "probe_seconds": round(time.time() - t0, 1)}
 
 # %% ../nbs/lib/16_rft.ipynb #97299c41
 def _live_logger(live, echo, t_start):

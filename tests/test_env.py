@@ -66,3 +66,12 @@ def test_broken_trajectory_file_names_file_and_line(tmp_path, world):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFileError, match=rf"{path}:2: malformed JSON"):
         list(read_jsonl(path))
+
+
+def test_tool_threads_change_nothing_but_time(world):
+    "A round's tool calls run in threads (`tool_workers`); every record equals the one-thread run's, in order."
+    tasks = world["test"][:12]
+    one, four = run_episodes(tasks, TeacherPolicy(), tool_workers=1), run_episodes(tasks, TeacherPolicy(), tool_workers=4)
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_s"}
+    assert [strip(r) for r in one] == [strip(r) for r in four]
+    assert sum(r["resolved"] for r in four) == 12
