@@ -16,7 +16,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'Params',
            'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #d8aa3ee7
+# %% ../nbs/lib/01_config.ipynb #8eb3bff2
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -174,6 +174,7 @@ class RftParams(_Section):
     clip: float = Field(0.2, gt=0)                    # epsilon of the clipped importance ratio
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"   # TRL's normalisation of the token losses
     scale_rewards: bool = True                        # divide advantages by the group's standard deviation
+    positive_only: bool = False                       # clip negative advantages to 0: reinforce the better rollouts of a group, push nothing down
     temperature: float = Field(0.7, gt=0)             # sampling temperature of the rollouts (and of the logits the loss sees)
     max_new_tokens: int = Field(128, ge=8)            # per assistant turn
     max_turns: int = Field(8, ge=1)
@@ -189,6 +190,7 @@ class RftParams(_Section):
     resample_budget: int = Field(0, ge=0)             # stopped rollouts per step that are sampled again (stop mode)
     reward_weights: dict[Literal["tests", "format", "reference"], float] = {"tests": 1.0, "format": 0.1, "reference": 0.2}
     aggregate: Literal["max", "mean", "softmax"] = "max"   # how the similarities to the references combine
+    gate_reference: bool = True                       # the reference similarity counts only for rollouts the tests pass (ungated it is gamed: see kat_nb.rft)
     tau: float = Field(0.1, gt=0)                     # softmax temperature of the aggregate
     patch_weight: float = Field(0.5, ge=0, le=1)      # share of the patch in a similarity (the rest: the route)
     save_every: int = Field(2, ge=1)                  # checkpoint every this many RFT steps (resume after a kill)

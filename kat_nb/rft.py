@@ -210,13 +210,16 @@ class RftRollouts:
                 "references": [self.refs[i] for i in ids], "resolved": resolved, "messages": [r["messages"] for r in recs],
                 "finish": [r["finish"] for r in recs]}
 
-# %% ../nbs/lib/16_rft.ipynb #c106cd26
+# %% ../nbs/lib/16_rft.ipynb #6e85aaf5
 def reward_functions(rft:dict) -> tuple[list[Callable], list[float]]:
-    "The reward components as TRL reward functions (logged as rewards/tests, rewards/format, rewards/reference) and their weights."
+    """The reward components as TRL reward functions (logged as rewards/tests, rewards/format, rewards/reference) and
+    their weights. With `gate_reference` the similarity to the nearest reference counts only for rollouts the tests pass."""
     def tests(prompts, completions, **kw): return tests_reward(prompts, completions, **kw)
     def format(prompts, completions, **kw): return format_reward(prompts, completions, **kw)
     def reference(prompts, completions, **kw):
-        return reference_reward(prompts, completions, aggregate=rft["aggregate"], tau=rft["tau"], patch_weight=rft["patch_weight"], **kw)
+        sims = reference_reward(prompts, completions, aggregate=rft["aggregate"], tau=rft["tau"], patch_weight=rft["patch_weight"], **kw)
+        if not rft.get("gate_reference", True): return sims
+        return [s if ok >= 1 else 0.0 for s, ok in zip(sims, tests_reward(prompts, completions, **kw))]
     w = rft["reward_weights"]
     return [tests, format, reference], [float(w["tests"]), float(w["format"]), float(w["reference"])]
 
@@ -243,7 +246,7 @@ def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
     return chosen, {"select": "unsolved", "tasks": n, "candidates": len(probe), "greedy_resolved": round(len(solved) / len(probe), 4),
                     "unsolved_kept": min(len(failed), n), "probe_seconds": round(time.time() - t0, 1)}
 
-# %% ../nbs/lib/16_rft.ipynb #97299c41
+# %% ../nbs/lib/16_rft.ipynb #f8461277
 def _live_logger(live, echo, t_start):
     from transformers import TrainerCallback
     class RftCurves(TrainerCallback):
@@ -278,6 +281,17 @@ def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int):
                       disable_tqdm=True, remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
                       activation_checkpointing=False)   # TRL turns it on by default: a ~25% recompute the tiny model does not need
 
+def _trainer_class(positive_only:bool):
+    "TRL's `GRPOTrainer`, or (`positive_only`) one whose negative advantages are clipped to 0: only rollouts better than their group's mean are reinforced."
+    from trl import GRPOTrainer
+    if not positive_only: return GRPOTrainer
+    class PositiveGRPOTrainer(GRPOTrainer):
+        def _generate_and_score_completions(self, *a, **kw):
+            out = super()._generate_and_score_completions(*a, **kw)
+            out["advantages"] = out["advantages"].clamp(min=0.0)
+            return out
+    return PositiveGRPOTrainer
+
 def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one dataset row each)
             references:dict[str, list[dict]], # `build_references` of those tasks
             init_dir:str|Path,         # the SFT checkpoint (model + tokenizer)
@@ -306,8 +320,8 @@ def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one d
         from dvclive import Live
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
-                          rollout_func=rollouts, callbacks=[_live_logger(live, echo, t0)])
+    trainer = _trainer_class(rft.get("positive_only", False))(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
+                                                              rollout_func=rollouts, callbacks=[_live_logger(live, echo, t0)])
     trainer.remove_callback(PrinterCallback)
     if resume and echo: echo(f"resuming from {resume[0]} (step {resume[1]})")
     if resume and resume[1] >= args.max_steps:

@@ -171,3 +171,43 @@ def test_bench_rft_rows(tmp_path, tok):
     for r in rows:
         assert r["rollouts"] == 8 and r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0 and 0 <= r["saved_share"] < 1, r
     assert rows[0]["stopped"] == rows[0]["corrected"] == 0
+
+
+def test_gated_reference_rewards_only_passing_rollouts(world):
+    "A wrong fix near a reference earns its similarity ungated, nothing gated; a passing one keeps it."
+    from kat_nb.rft import reward_functions
+    w, refs = world
+    t = w["train"][0]
+    good = teacher_trajectory(t)
+    p = {"aggregate": "max", "tau": 0.1, "patch_weight": 0.5, "reward_weights": {"tests": 1.0, "format": 0.1, "reference": 0.2}}
+    kw = dict(task=[t, t], files=[t.solutions[0], t.files], references=[refs[t.id]] * 2, messages=[good["messages"]] * 2, resolved=[True, False])
+    ungated = reward_functions({**p, "gate_reference": False})[0][2](None, [None, None], **kw)
+    gated = reward_functions({**p, "gate_reference": True})[0][2](None, [None, None], **kw)
+    assert ungated[1] >= 0.5 and gated[1] == 0.0         # the failing rollout (no patch at all) still follows a reference route
+    assert gated[0] == ungated[0] == pytest.approx(1.0)
+
+
+def test_positive_only_clips_the_negative_advantages_trl_computes(tmp_path, tok):
+    "Real TRL GRPO scoring of one group of two rollouts (rewards 1 and 0): +a/-a, and +a/0 with positive_only."
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig
+    from kat_nb.model import build_model
+    from kat_nb.rft import _trainer_class
+    torch.manual_seed(0)
+    model = build_model({"source": "config", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                         "head_dim": 16, "intermediate_size": 64}, tok)
+    ids = tok("Plan: go.", add_special_tokens=False)["input_ids"]
+    def rollout(prompts, trainer):       # two scripted rollouts of one prompt, the first resolved
+        return {"prompt_ids": [ids] * len(prompts), "completion_ids": [ids] * len(prompts), "logprobs": None,
+                "env_mask": [[1] * len(ids)] * len(prompts), "resolved": [i % 2 == 0 for i in range(len(prompts))]}
+    def tests(prompts, completions, resolved, **kw): return [float(r) for r in resolved]
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=1, use_cpu=True,
+                      beta=0.0, report_to=[], disable_tqdm=True, remove_unused_columns=False)
+    adv = {}
+    for positive in (False, True):
+        trainer = _trainer_class(positive)(model=model, reward_funcs=[tests], args=args, processing_class=tok, rollout_func=rollout,
+                                           train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "x"}]}] * 2))
+        adv[positive] = trainer._generate_and_score_completions([{"prompt": [{"role": "user", "content": "x"}]} for _ in range(2)])["advantages"].tolist()
+    a = adv[False][0]
+    assert a > 0 and adv[False] == pytest.approx([a, -a]) and adv[True] == pytest.approx([a, 0.0])
