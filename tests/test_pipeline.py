@@ -41,6 +41,16 @@ def copy_repo(dst: Path, profile: str = "smoke") -> Path:
     return dst
 
 
+def _running_in(repo: Path) -> bool:
+    "Whether any process works in `repo` (its cwd is there)."
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit(): continue
+        try:
+            if Path(os.readlink(d/"cwd")).is_relative_to(repo): return True
+        except OSError: pass
+    return False
+
+
 def kill_after_first_checkpoint(args, repo: Path, ckpts: Path, log: Path) -> list[int]:
     "Run `args`, SIGKILL its whole process group once a checkpoint under `ckpts` is complete; the steps saved by then."
     with open(log, "w") as logf:
@@ -49,6 +59,11 @@ def kill_after_first_checkpoint(args, repo: Path, ckpts: Path, log: Path) -> lis
     while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")): time.sleep(0.5)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    # papermill's kernel runs in a session of its own (jupyter_client starts it so), so the group kill misses it; it
+    # exits within a second or so of its parent (jupyter's parent poller) and may complete one more checkpoint meanwhile.
+    # The checkpoints that count are the ones on disk once nothing of the run is left.
+    deadline = time.time() + 60
+    while time.time() < deadline and _running_in(repo): time.sleep(0.5)
     saved = sorted(int(c.name.split("-")[1]) for c in ckpts.glob("checkpoint-*") if (c/"trainer_state.json").exists())
     assert saved, f"no checkpoint was written before the kill:\n{log.read_text()[-3000:]}"
     return saved
