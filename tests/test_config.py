@@ -48,3 +48,14 @@ def test_params_yaml_syntax_error_names_the_file(tmp_path):
     (tmp_path/"params.yaml").write_text("base: [unclosed\n")
     with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
         load_params(root=tmp_path)
+
+
+def test_bare_yaml_off_is_the_off_drift_mode(tmp_path):
+    "`dvc exp run -S rft.drift_mode=off` writes a bare `off`, which YAML 1.1 reads as false: it means drift_mode off."
+    (tmp_path/"configs"/"profiles").mkdir(parents=True)
+    (tmp_path/"params.yaml").write_text((ROOT/"params.yaml").read_text().replace("  drift_mode: stop", "  drift_mode: off", 1))
+    (tmp_path/"configs"/"profiles"/"tiny.yaml").write_text("{}\n")
+    assert load_params(root=tmp_path).rft.drift_mode == "off"
+    (tmp_path/"params.yaml").write_text((ROOT/"params.yaml").read_text().replace("  drift_mode: stop", "  drift_mode: on", 1))
+    with pytest.raises(ParamsError, match="rft.drift_mode"):
+        load_params(root=tmp_path)
