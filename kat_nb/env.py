@@ -205,7 +205,7 @@ class HFPolicy:
         if self.cross_turn_cache: return _act_cached(self, episodes)
         return self.generate([self.prompt(e.messages) for e in episodes])
 
-# %% ../nbs/lib/10_env.ipynb #a572ce43
+# %% ../nbs/lib/10_env.ipynb #985ffe8b
 class _Cohort:
     "Episodes sampled together whose KV cache lives across turns: row i of `cache` and `mask` is `eps[i]`."
     def __init__(self, eps:list[Episode]):
@@ -250,10 +250,12 @@ def _sample_turn(pol, c:_Cohort, feed:list[list[int]]) -> dict[int, str]:
     gen, active = [[] for _ in range(B)], torch.ones(B, dtype=torch.bool)
     for t in range(pol.max_new_tokens):
         nxt = logits.argmax(-1) if pol.temperature <= 0 else torch.multinomial(torch.softmax(logits / pol.temperature, -1), 1)[:, 0]
-        for i in torch.nonzero(active)[:, 0].tolist(): gen[i].append(int(nxt[i]))
+        toks, live = nxt.tolist(), active.tolist()
+        for i in range(B):
+            if live[i]: gen[i].append(toks[i])
         active &= nxt != stop
         if t == pol.max_new_tokens - 1 or not active.any(): break
-        logits = _feed(pol, c, [[int(nxt[i])] if active[i] else [] for i in range(B)])   # finished rows get a hole
+        logits = _feed(pol, c, [[x] if a else [] for x, a in zip(toks, active.tolist())])   # finished rows get a hole
     out = {}
     for i, (e, g) in enumerate(zip(c.eps, gen)):
         pol.generated_tokens += len(g)

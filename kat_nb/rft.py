@@ -17,8 +17,8 @@ from .reward import turns, tests_reward, format_reward, reference_reward, inform
 
 # %% auto #0
 __all__ = ['REFERENCE_MODES', 'DRIFT_MODES', 'build_references', 'actions', 'drift', 'next_reference_turn', 'DriftMonitor',
-           'episode_tokens', 'stream_tokens', 'rft_prompt', 'RftRollouts', 'reward_functions', 'select_tasks',
-           'grpo_config', 'run_rft', 'bench_rft']
+           'episode_tokens', 'stream_tokens', 'episode_limits', 'rft_prompt', 'RftRollouts', 'reward_functions',
+           'select_tasks', 'grpo_config', 'run_rft', 'bench_rft']
 
 # %% ../nbs/lib/16_rft.ipynb #5bfd6e34
 REFERENCE_MODES = ("multi", "single")
@@ -151,7 +151,11 @@ def stream_tokens(record:dict, max_completion:int|None=None) -> tuple[list[int],
     if max_completion and len(comp) > max_completion: comp, m = comp[:max_completion], m[:max_completion]
     return ids[:p], comp, m
 
-# %% ../nbs/lib/16_rft.ipynb #32d9cc6b
+# %% ../nbs/lib/16_rft.ipynb #75c1ceb3
+def episode_limits(rft:dict) -> dict:
+    "The `run_episodes` limits an `rft:` section sets (the rollouts and the task probe share them; absent keys keep run_episodes' defaults)."
+    return {k: rft[k] for k in ("max_turns", "max_chars", "tool_timeout", "max_format_errors") if k in rft}
+
 def rft_prompt(task:Task) -> list[dict]:
     "A task as a GRPO dataset prompt: the episode's first two messages; the user message carries the task id for the rollout function."
     return [{"role": "system", "content": SYSTEM_PROMPT, "task_id": None}, {"role": "user", "content": task.issue, "task_id": task.id}]
@@ -168,9 +172,7 @@ class RftRollouts:
                        "rollout_seconds": 0.0, "train_tokens": 0}
 
     def _episodes(self, tasks, policy, monitor):
-        p = self.p
-        return run_episodes(tasks, policy, max_turns=p["max_turns"], max_chars=p["max_chars"], tool_timeout=p["tool_timeout"],
-                            max_format_errors=p["max_format_errors"], keep_files=True, monitor=monitor)
+        return run_episodes(tasks, policy, keep_files=True, monitor=monitor, **episode_limits(self.p))
 
     def __call__(self, prompts:list, trainer) -> dict:
         t0, p = time.time(), self.p
@@ -223,7 +225,7 @@ def reward_functions(rft:dict) -> tuple[list[Callable], list[float]]:
     w = rft["reward_weights"]
     return [tests, format, reference], [float(w["tests"]), float(w["format"]), float(w["reference"])]
 
-# %% ../nbs/lib/16_rft.ipynb #3082a9e8
+# %% ../nbs/lib/16_rft.ipynb #0aa154e5
 def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
                  n:int,                  # tasks wanted (steps x tasks_per_step)
                  policy=None,            # the initial policy (greedy), needed for `unsolved`
@@ -236,10 +238,8 @@ def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
     if mode == "all": return pool[:n], {"select": "all", "tasks": n}
     if mode != "unsolved": raise ValueError(f"rft.select: {mode!r} is not one of all, unsolved")
     probe = pool[:max(n, min(candidates, len(pool)))]
-    p = rft or {}
     t0 = time.time()
-    recs = run_episodes(probe, policy, max_turns=p.get("max_turns", 8), max_chars=p.get("max_chars", 12000),
-                        tool_timeout=p.get("tool_timeout", 10.0), max_format_errors=p.get("max_format_errors", 2))
+    recs = run_episodes(probe, policy, **episode_limits(rft or {}))
     failed = [t for t, r in zip(probe, recs) if not r["resolved"]]
     solved = [t for t, r in zip(probe, recs) if r["resolved"]]
     chosen = (failed + solved)[:n]
