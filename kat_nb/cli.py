@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, json, logging, sys
 from .config import STAGES, ParamsError, load_params
+from .launch import LAUNCH_STAGES, LaunchError, launch_main
 from .pipeline import BENCHES, StageNotebookError, run_bench, run_stage, strip_all
 from .sandbox import SandboxUnavailable
 
@@ -34,6 +35,19 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark: a table, then one JSON line per configuration")
     b.add_argument("name", choices=list(BENCHES))
     b.add_argument("--quick", action="store_true", help="fewer steps (a smoke run of the benchmark)")
+    l = sub.add_parser("launch", help="run a training stage on N nodes x M GPUs (accelerate launch + DeepSpeed; kat_nb.launch)")
+    l.add_argument("stage", choices=list(LAUNCH_STAGES))
+    l.add_argument("--nodes", type=int, default=1, help="machines in the run")
+    l.add_argument("--gpus-per-node", type=int, required=True, help="processes per machine (one per GPU; CPU processes with --cpu)")
+    l.add_argument("--node-rank", type=int, default=0, help="this machine's rank (0 = the one at --main-ip)")
+    l.add_argument("--main-ip", default=None, help="address of the node with rank 0 (needed for --nodes > 1)")
+    l.add_argument("--main-port", type=int, default=29500)
+    l.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON (default: the stage's deepspeed parameter)")
+    l.add_argument("--profile", default=None, help="override base.profile")
+    l.add_argument("--params", default="params.yaml")
+    l.add_argument("--out-root", default="", help="write under this folder instead of the repository")
+    l.add_argument("--dry-run", action="store_true", help="print the accelerate config and the command; run nothing")
+    l.add_argument("--cpu", action="store_true", help="CPU processes over gloo (a CPU profile): a check of the launch without GPUs")
     return p
 
 def main(argv:list[str]|None=None) -> int:
@@ -59,7 +73,8 @@ def main(argv:list[str]|None=None) -> int:
             print(write_readme())
         elif args.cmd == "params": print(json.dumps(load_params(args.params, profile=args.profile).model_dump(mode="json"), indent=2))
         elif args.cmd == "bench": run_bench(args.name, **({"quick": True} if args.quick else {}))
-    except (ParamsError, StageNotebookError, FileNotFoundError) as e:
+        elif args.cmd == "launch": return launch_main(args)
+    except (ParamsError, StageNotebookError, LaunchError, FileNotFoundError) as e:
         print(f"kat-nb: error: {e}", file=sys.stderr); return 2
     except SandboxUnavailable as e:              # the stage executes code and no sandbox can run: 3, like `kat-nb sandbox`
         print(f"kat-nb: {e}", file=sys.stderr); return 3

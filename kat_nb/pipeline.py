@@ -11,10 +11,10 @@ from .core import repo_root, run_record
 from .config import STAGES, MATRIX, ParamsError, load_params, stage_parameters, stage_dirs
 
 # %% auto #0
-__all__ = ['STAGE_NB_DIR', 'STRIP_DIR', 'log', 'SANDBOXED_STAGES', 'PKG', 'BENCHES', 'stage_notebook', 'strip_notebook',
-           'strip_all', 'StageNotebookError', 'check_parameters', 'sandbox_record', 'run_stage', 'kat_imports',
-           'notebook_imports', 'module_closure', 'stage_modules', 'code_fingerprint', 'fingerprint',
-           'prepare_checkpoints', 'format_table', 'run_bench']
+__all__ = ['STAGE_NB_DIR', 'STRIP_DIR', 'log', 'SANDBOXED_STAGES', 'RANK_DIR', 'SHARED_DIRS', 'PKG', 'BENCHES', 'stage_notebook',
+           'strip_notebook', 'strip_all', 'StageNotebookError', 'check_parameters', 'sandbox_record', 'rank_out_root',
+           'run_stage', 'kat_imports', 'notebook_imports', 'module_closure', 'stage_modules', 'code_fingerprint',
+           'fingerprint', 'prepare_checkpoints', 'format_table', 'run_bench']
 
 # %% ../nbs/lib/07_pipeline.ipynb #12df7bd7
 STAGE_NB_DIR = "nbs/stages"
@@ -40,7 +40,8 @@ def strip_notebook(src:Path|str, dst:Path|str) -> Path:
                                         "language_info": {"name": "python"}},
            "nbformat": 4, "nbformat_minor": 4}
     dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=1, sort_keys=True, ensure_ascii=False)+"\n")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")   # written whole, then renamed: the ranks of a launch strip at once
+    tmp.write_text(json.dumps(out, indent=1, sort_keys=True, ensure_ascii=False)+"\n"); os.replace(tmp, dst)
     return dst
 
 def strip_all(root:Path|None=None, out:str=STRIP_DIR) -> list[Path]:
@@ -70,12 +71,26 @@ def check_parameters(nb_path:Path|str, expected:dict) -> dict:
 # %% ../nbs/lib/07_pipeline.ipynb #69397dac
 log = logging.getLogger("kat_nb")
 SANDBOXED_STAGES = ("data", "sft", "rft", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
+RANK_DIR = "build/ranks"
+SHARED_DIRS = ("data", "models")   # what every process of a multi-process run reads and trains into
 
 def sandbox_record(executes_code:bool) -> dict:
     "The run record's `sandbox`: what isolates a stage that executes code (raises `SandboxUnavailable` without one), else the backend in force."
     from .sandbox import isolation, wanted_backend, bwrap_status
     if executes_code: return {**isolation(), "executes_code": True}
     return {"backend": "rlimits" if wanted_backend() == "rlimits" else "bwrap" if bwrap_status()[0] else None, "executes_code": False}
+
+def rank_out_root(out_root:str|Path, # the run's out_root ("" = the repository)
+                  name:str, # the stage (with its matrix cell's tag)
+                  rank:int) -> Path:
+    "The out_root a non-main rank runs its stage notebook against: `data/` and `models/` link to the shared ones; `runs/`, `metrics/`, `plots/`, `dvclive/` are its own."
+    import shutil
+    shared = stage_dirs(out_root)
+    d = shared["runs"].parent/RANK_DIR/f"{name}-rank{rank}"
+    shutil.rmtree(d, ignore_errors=True); d.mkdir(parents=True)   # what an earlier launch of this rank left
+    for k in SHARED_DIRS:
+        shared[k].mkdir(parents=True, exist_ok=True); (d/k).symlink_to(shared[k], target_is_directory=True)
+    return d
 
 def run_stage(stage:str,               # a stage of `STAGES`
               profile:str|None=None,    # override base.profile
@@ -99,13 +114,22 @@ def run_stage(stage:str,               # a stage of `STAGES`
                  f" ({iso['mode']} mode)" if iso["backend"] == "bwrap" else ": NO file-system isolation (KAT_NB_SANDBOX=rlimits)")
     dirs = stage_dirs(out_root)
     tag = "".join(f"-{v}" for v in (cell or {}).values())
-    out_nb = dirs["runs"]/f"{src.stem}{tag}.ipynb"; out_nb.parent.mkdir(parents=True, exist_ok=True)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))   # set by torchrun / accelerate launch
+    if rank:   # a non-main process of a launch: the same training, but nothing it writes may replace rank 0's
+        nb_root = rank_out_root(out_root, stage + tag, rank)
+        expected = {**expected, "out_root": str(nb_root)}
+        out_nb = nb_root/"runs"/f"{src.stem}{tag}.ipynb"
+    else: out_nb = dirs["runs"]/f"{src.stem}{tag}.ipynb"
+    out_nb.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log.info("kat-nb: running stage %s (profile %s, seed %s) -> %s", stage, params.base.profile, params.base.seed, out_nb)
+    log.info("kat-nb: running stage %s (profile %s, seed %s%s) -> %s", stage, params.base.profile, params.base.seed,
+             f", rank {rank} of {world}" if world > 1 else "", out_nb)
     pm.execute_notebook(str(stripped), str(out_nb), parameters=expected, kernel_name="python3",
-                        log_output=log_output, progress_bar=False, cwd=str(root))
+                        log_output=log_output and not rank, progress_bar=False, cwd=str(root))
     rec = run_record(params.base.profile, params.base.seed, stage=stage, wall_s=round(time.time()-t0, 2),
-                     notebook=str(src.relative_to(root)), executed=str(out_nb), parameters=expected, sandbox=iso)
+                     notebook=str(src.relative_to(root)), executed=str(out_nb), parameters=expected, sandbox=iso,
+                     processes=world)
+    if rank: return rec   # the run's record is rank 0's
     dirs["metrics"].mkdir(parents=True, exist_ok=True)
     # beside the stage's metrics: metrics/<stage>.run.json, or metrics/<cell values>/… for a matrix cell
     rec_path = dirs["metrics"]/(("/".join(map(str, cell.values())) if cell else stage) + ".run.json")
@@ -185,7 +209,7 @@ def prepare_checkpoints(ckpt_dir:Path|str, fp:str) -> bool:
     if has and old != fp:
         log.warning("kat-nb: checkpoints in %s were written with other parameters, inputs or code (%s != %s): starting fresh",
                     ckpt_dir, old, fp)
-        shutil.rmtree(ckpt_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)   # the other ranks of a launch clear the same folder at the same moment
     ckpt_dir.mkdir(parents=True, exist_ok=True); stamp.write_text(fp+"\n")
     return has and old == fp
 
