@@ -18,3 +18,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the network or many minutes; runs only with KAT_NB_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    "Tests marked slow are skipped unless KAT_NB_SLOW=1."
+    if os.environ.get("KAT_NB_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set KAT_NB_SLOW=1 to run it")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
