@@ -13,10 +13,10 @@ from .core import repo_root, from_root
 
 # %% auto #0
 __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParams', 'HFSource', 'DataParams', 'TokenizerParams',
-           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'Params',
-           'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
+           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
+           'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #8eb3bff2
+# %% ../nbs/lib/01_config.ipynb #3919d37b
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -224,6 +224,13 @@ class EvalParams(_Section):
     humaneval_max_new_tokens: int = Field(256, ge=8)
     tool_timeout: float = Field(10.0, gt=0)         # seconds per command / test run in the sandbox
 
+class PolicyParams(_Section):
+    "How checkpoints generate in evaluation and RFT/RL rollouts (kat_nb.serve): the same prompts and parsing on either engine."
+    backend: Literal["hf", "vllm"] = "hf"           # hf: transformers generate (any machine) | vllm: GPU machines with requirements-gpu
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # vLLM's share of GPU memory (RFT colocates it with the trainer)
+    tensor_parallel_size: int = Field(1, ge=1)       # vLLM: GPUs one engine spans
+    max_model_len: Optional[int] = Field(None, ge=64)  # vLLM: context length (None: the model's max_position_embeddings)
+
 class Params(_Section):
     base: Base = Base()
     data: DataParams = DataParams()
@@ -233,6 +240,13 @@ class Params(_Section):
     sft: SftParams = SftParams()
     rft: RftParams = RftParams()
     eval: EvalParams = EvalParams()
+    policy: PolicyParams = PolicyParams()
+
+    @model_validator(mode="after")
+    def _vllm_needs_gpu(self):
+        if self.policy.backend == "vllm" and self.rft.use_cpu:
+            raise ValueError("policy.backend: vllm generates on a GPU, but rft.use_cpu is true (a GPU profile sets both)")
+        return self
 
 # %% ../nbs/lib/01_config.ipynb #4c4e9157
 class ParamsError(ValueError):
@@ -301,14 +315,14 @@ def load_params(path:str|Path="params.yaml", # the params file (relative to the 
     merged.setdefault("base", {})["profile"] = name
     return validate_params(merged, f"{ppath.relative_to(root) if ppath.is_relative_to(root) else ppath} over {path.name}")
 
-# %% ../nbs/lib/01_config.ipynb #91144a61
+# %% ../nbs/lib/01_config.ipynb #7b224df6
 STAGES = {  # stage -> (its own section, other sections it reads); the order is the curriculum's
     "data": ("data", ()),
     "tokenizer": ("tokenizer", ("model",)),
     "midtrain": ("midtrain", ("model",)),
     "sft": ("sft", ("model",)),
-    "rft": ("rft", ()),
-    "eval": ("eval", ("model",)),
+    "rft": ("rft", ("policy",)),
+    "eval": ("eval", ("model", "policy")),
     "report": ("eval", ()),
 }
 MATRIX = {  # stage -> the keys one DVC matrix cell sets (`kat-nb run eval --cell checkpoint=sft --cell suite=world`)

@@ -68,13 +68,14 @@ def evaluate_humaneval(policy, limit:int|None=None, timeout:float=10.0) -> tuple
     passed = sum(r["passed"] for r in results)
     return {"problems": len(results), "passed": passed, "pass@1": round(passed / len(results), 4)}, results
 
-# %% ../nbs/lib/11_eval.ipynb #fb650700
+# %% ../nbs/lib/11_eval.ipynb #11c22690
 def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
              suite:str,               # "world" | "humaneval"
              models_dir:Path, data_dir:Path,
              world_tasks:int=100, max_turns:int=8, max_new_tokens:int=160, batch_size:int=32,
              humaneval_problems_n:int|None=None, humaneval_max_new_tokens:int=256, tool_timeout:float=10.0,
              max_format_errors:int|None=2, # world: consecutive turns without a well-formed tool call that end an episode
+             policy:dict|None=None,   # the `policy:` params section (backend hf | vllm and vLLM's settings); None: hf
             ) -> tuple[dict, list[dict]]:
     "Metrics and per-item records of `checkpoint` on `suite`; the metrics name the isolation the code ran under (`sandbox`)."
     from kat_nb.core import read_jsonl
@@ -85,8 +86,10 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
         path = Path(models_dir)/checkpoint
         if not (path/"config.json").exists():
             raise FileNotFoundError(f"checkpoint '{checkpoint}': no model in {path} (run the stage that writes it first)")
-        policy = HFPolicy.from_pretrained(path, name=checkpoint, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens if suite == "world" else humaneval_max_new_tokens)
+        from kat_nb.serve import make_policy
+        engine = dict(policy or {})
+        policy = make_policy(path, engine.pop("backend", "hf"), name=checkpoint, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens if suite == "world" else humaneval_max_new_tokens, **engine)
     if suite == "world":
         tasks = [Task.from_dict(d) for d in read_jsonl(Path(data_dir)/"world"/"test.jsonl")][:world_tasks]
         records = run_episodes(tasks, policy, max_turns=max_turns, tool_timeout=tool_timeout, max_format_errors=max_format_errors)

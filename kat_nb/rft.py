@@ -151,7 +151,7 @@ def stream_tokens(record:dict, max_completion:int|None=None) -> tuple[list[int],
     if max_completion and len(comp) > max_completion: comp, m = comp[:max_completion], m[:max_completion]
     return ids[:p], comp, m
 
-# %% ../nbs/lib/16_rft.ipynb #75c1ceb3
+# %% ../nbs/lib/16_rft.ipynb #09bf0258
 def episode_limits(rft:dict) -> dict:
     "The `run_episodes` limits an `rft:` section sets (the rollouts and the task probe share them; absent keys keep run_episodes' defaults)."
     return {k: rft[k] for k in ("max_turns", "max_chars", "tool_timeout", "max_format_errors") if k in rft}
@@ -166,8 +166,9 @@ class RftRollouts:
     in the sandbox), watched by a `DriftMonitor`; stopped rollouts are resampled while the step's budget lasts. It returns
     the token ids with `env_mask` and, for the reward functions, each rollout's task, final workspace, references,
     verdict and messages. Its own step statistics go into the trainer's logged metrics."""
-    def __init__(self, tasks:dict[str, Task], references:dict[str, list[dict]], tokenizer, rft:dict, echo:Callable|None=None):
-        self.tasks, self.refs, self.tok, self.p, self.echo = tasks, references, tokenizer, rft, echo
+    def __init__(self, tasks:dict[str, Task], references:dict[str, list[dict]], tokenizer, rft:dict, echo:Callable|None=None,
+                 backend:str="hf"):  # hf: the trained model generates (cross-turn KV cache) | vllm: TRL's colocated engine, weights synced each step
+        self.tasks, self.refs, self.tok, self.p, self.echo, self.backend = tasks, references, tokenizer, rft, echo, backend
         self.totals = {"rollouts": 0, "stopped": 0, "corrected": 0, "resampled": 0, "generated_tokens": 0, "saved_tokens_est": 0,
                        "rollout_seconds": 0.0, "train_tokens": 0}
 
@@ -179,8 +180,12 @@ class RftRollouts:
         ids = [next(m.get("task_id") for m in pr if m.get("task_id")) for pr in prompts]
         tasks = [self.tasks[i] for i in ids]
         model = trainer.accelerator.unwrap_model(trainer.model)
-        policy = HFPolicy(model, self.tok, name="rft", max_new_tokens=p["max_new_tokens"], batch_size=p["rollout_batch_size"],
-                          temperature=p["temperature"], cross_turn_cache=True)
+        if self.backend == "vllm":   # TRL synced the trainer's weights into its colocated engine before calling us
+            from kat_nb.serve import VLLMPolicy
+            policy = VLLMPolicy(trainer.vllm_generation.llm, self.tok, name="rft", max_new_tokens=p["max_new_tokens"],
+                                temperature=p["temperature"])
+        else: policy = HFPolicy(model, self.tok, name="rft", max_new_tokens=p["max_new_tokens"], batch_size=p["rollout_batch_size"],
+                                temperature=p["temperature"], cross_turn_cache=True)
         mon = DriftMonitor(self.refs, p["drift_mode"], p["drift_threshold"], p["drift_patience"], p["max_corrections"],
                            p["max_turns"], p["max_format_errors"])
         try:
@@ -246,7 +251,7 @@ def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
     return chosen, {"select": "unsolved", "tasks": n, "candidates": len(probe), "greedy_resolved": round(len(solved) / len(probe), 4),
                     "unsolved_kept": min(len(failed), n), "probe_seconds": round(time.time() - t0, 1)}
 
-# %% ../nbs/lib/16_rft.ipynb #f8461277
+# %% ../nbs/lib/16_rft.ipynb #e82d5f25
 def _live_logger(live, echo, t_start):
     from transformers import TrainerCallback
     class RftCurves(TrainerCallback):
@@ -264,7 +269,7 @@ def _live_logger(live, echo, t_start):
             live.make_summary()
     return RftCurves()
 
-def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int):
+def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int, policy:dict|None=None):
     "TRL's `GRPOConfig` for the `rft:` section: one generation of `rollouts_per_step` episodes feeds `rollouts_per_step / minibatch` optimizer steps, `epochs` times."
     from trl import GRPOConfig
     mb = rft["minibatch_size"]
@@ -279,7 +284,16 @@ def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int):
                       mask_truncated_completions=False, logging_steps=1, save_strategy="steps", save_steps=spg * rft["epochs"] * rft["save_every"],
                       save_total_limit=2, report_to="none", use_cpu=rft["use_cpu"], bf16=False, seed=seed, data_seed=seed,
                       disable_tqdm=True, remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
-                      activation_checkpointing=False)   # TRL turns it on by default: a ~25% recompute the tiny model does not need
+                      activation_checkpointing=False,   # TRL turns it on by default: a ~25% recompute the tiny model does not need
+                      **_vllm_args(policy))
+
+def _vllm_args(policy:dict|None) -> dict:
+    "GRPOConfig's vLLM settings for `policy.backend: vllm`: TRL's colocate mode (one engine per training process, weights synced before each generation)."
+    if not policy or policy.get("backend", "hf") == "hf": return {}
+    from kat_nb.serve import require_vllm
+    require_vllm()
+    return dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=policy.get("gpu_memory_utilization", 0.3),
+                vllm_tensor_parallel_size=policy.get("tensor_parallel_size", 1), vllm_max_model_length=policy.get("max_model_len"))
 
 def _trainer_class(positive_only:bool):
     "TRL's `GRPOTrainer`, or (`positive_only`) one whose negative advantages are clipped to 0: only rollouts better than their group's mean are reinforced."
@@ -297,7 +311,9 @@ def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one d
             init_dir:str|Path,         # the SFT checkpoint (model + tokenizer)
             rft:dict,                  # the `rft:` params section
             out_dir:str|Path,          # the final model + tokenizer; checkpoints under out_dir/checkpoints
-            live_dir:str|Path|None=None, seed:int=0, echo:Callable|None=print) -> dict:
+            live_dir:str|Path|None=None, seed:int=0, echo:Callable|None=print,
+            policy:dict|None=None,     # the `policy:` params section (backend hf | vllm); None: hf
+           ) -> dict:
     "GRPO with TRL's `GRPOTrainer` on episodes of the environment (`RftRollouts`); resumes from the last checkpoint; returns the run's metrics."
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -310,9 +326,9 @@ def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one d
     tok = AutoTokenizer.from_pretrained(str(init_dir))
     model = AutoModelForCausalLM.from_pretrained(str(init_dir))
     ds = Dataset.from_list([{"prompt": rft_prompt(t)} for t in tasks])
-    rollouts = RftRollouts({t.id: t for t in tasks}, references, tok, rft, echo)
+    rollouts = RftRollouts({t.id: t for t in tasks}, references, tok, rft, echo, backend=(policy or {}).get("backend", "hf"))
     funcs, weights = reward_functions(rft)
-    args = grpo_config(rft, out_dir, seed, rft["tasks_per_step"] * rft["group_size"])
+    args = grpo_config(rft, out_dir, seed, rft["tasks_per_step"] * rft["group_size"], policy)
     args.reward_weights = weights
     resume = last_checkpoint(out_dir/"checkpoints")
     live = None

@@ -153,7 +153,7 @@ def tree_rows(rows:list[dict], tokenizer, seq_len:int) -> list[dict]:
     ids = tokenizer([with_eos(row_text(r), tokenizer.eos_token) for r in rows], add_special_tokens=False)["input_ids"]
     return [{"input_ids": x[i:i + seq_len]} for x in ids for i in range(0, len(x), seq_len) if x[i:i + seq_len]]
 
-# %% ../nbs/lib/06_train.ipynb #eca05128
+# %% ../nbs/lib/06_train.ipynb #e9a4dc7d
 def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Path, main:bool, say:Callable) -> dict:
     "Train (resuming from `resume`), measure the validation loss at the start and end, save model + tokenizer, close DVCLive."
     tokens_before = json.loads((resume[0]/"trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
@@ -184,6 +184,9 @@ def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Pa
                 live.step = trainer.state.global_step; live.log_metric("eval/loss", val_end)
             for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens"): live.summary[k] = metrics[k]
             live.end()
+    trainer.accelerator.wait_for_everyone()   # no rank reads models/<stage> before rank 0 has written it
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()               # after ZeRO-3, a later from_pretrained in this process must load whole weights, not empty partitions
     say(f"val loss {val_start} -> {val_end:.4f}" + (f"; {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""))
     return metrics
 

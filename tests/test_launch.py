@@ -84,15 +84,12 @@ def _tiny_inputs(out: Path) -> Path:
 
 def test_two_cpu_processes_through_kat_nb_launch(tmp_path):
     """`kat-nb launch midtrain --cpu` with 2 processes: accelerate's DeepSpeed launcher starts both, each runs the stage
-    notebook under papermill, the Trainers train together (ZeRO-2 over gloo), rank 0 owns the run's outputs.
-
-    ZeRO-2, not the ZeRO-3 of the qwen3-4b profile: the stage notebook loads the saved model again in the same process
-    (its sample cell), and after ZeRO-3 training transformers' process-wide DeepSpeed config is still set, so that
-    `from_pretrained` partitions the model (empty embedding, `Padding_idx must be within num_embeddings`). The saved
-    ZeRO-3 weights are whole (tests/test_train.py::test_zero3_two_cpu_processes loads them in a fresh process)."""
+    notebook under papermill, the Trainers train together (ZeRO-3 over gloo, the qwen3-4b profile's engine), rank 0 owns
+    the run's outputs, and the stage's own sample cell loads the saved model whole in the same process
+    (`train_and_save` unsets transformers' process-wide DeepSpeed config after saving)."""
     params = _tiny_inputs(tmp_path)
     cmd = [str(BIN/"kat-nb"), "launch", "midtrain", "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--deepspeed",
-           "configs/zero2.json", "--params", str(params), "--out-root", str(tmp_path), "--main-port", str(_free_port())]
+           "configs/zero3.json", "--params", str(params), "--out-root", str(tmp_path), "--main-port", str(_free_port())]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     t = time.time()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -103,7 +100,7 @@ def test_two_cpu_processes_through_kat_nb_launch(tmp_path):
     assert "rank 1 of 2" in log and "deepspeed_shm_comm_op built" not in log   # no JIT compile on CPU
     # rank 0's outputs are the run's; rank 1's executed notebook and metrics live apart
     rec = json.loads((tmp_path/"metrics/midtrain.run.json").read_text())
-    assert rec["processes"] == 2 and rec["parameters"]["deepspeed"] == "configs/zero2.json"
+    assert rec["processes"] == 2 and rec["parameters"]["deepspeed"] == "configs/zero3.json"
     assert rec["parameters"]["out_root"] == str(tmp_path) and rec["executed"] == str(tmp_path/"runs/03_midtrain.ipynb")
     rank1 = tmp_path/"build/ranks/midtrain-rank1"
     assert (rank1/"runs/03_midtrain.ipynb").exists() and (rank1/"metrics/midtrain.json").exists()
