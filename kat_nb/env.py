@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, runtime_checkable
 from .world import Task, Workspace, TOOLS, SYSTEM_PROMPT, run_hidden_tests, teacher_trajectory
-from .model import parse_assistant, render_chat
+from .model import cache_kw, parse_assistant, render_chat
 
 # %% auto #0
 __all__ = ['Policy', 'assistant_text', 'Episode', 'run_episodes', 'TeacherPolicy', 'summarize', 'HFPolicy', 'bench_rollout']
@@ -239,7 +239,7 @@ def _feed(pol, c:_Cohort, ids:list[list[int]]):
     if c.cache is None:
         from transformers import DynamicCache
         c.cache = DynamicCache(config=pol.model.config)
-    out = pol.model(input_ids=inp, attention_mask=c.mask, position_ids=pos, cache=c.cache, use_cache=True, logits_to_keep=1)
+    out = pol.model(input_ids=inp, attention_mask=c.mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kw(pol.model, c.cache))
     return out.logits[:, -1].float()
 
 def _sample_turn(pol, c:_Cohort, feed:list[list[int]]) -> dict[int, str]:

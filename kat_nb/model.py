@@ -4,14 +4,14 @@
 
 # %% ../nbs/lib/05_model.ipynb #757af0ba
 from __future__ import annotations
-import importlib.util, json, re
+import functools, importlib.util, json, re
 from pathlib import Path
 from typing import Any, Iterable
 
 # %% auto #0
 __all__ = ['TOOLS_PREAMBLE', 'TOOLS_POSTAMBLE', 'CHAT_TEMPLATE', 'SPECIAL_TOKENS', 'SPLIT_PATTERN', 'render_chat',
            'parse_tool_calls', 'parse_assistant', 'row_text', 'train_tokenizer', 'gguf_path', 'load_tokenizer',
-           'build_model', 'save_base']
+           'build_model', 'checkpointing_kw', 'cache_kw', 'save_base']
 
 # %% ../nbs/lib/05_model.ipynb #c36da570
 TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -204,6 +204,25 @@ def build_model(model_cfg:dict, # the `model:` params section
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+# %% ../nbs/lib/05_model.ipynb #46824d14
+def checkpointing_kw(args_cls, on:bool) -> dict:
+    "Activation checkpointing on/off for a `TrainingArguments` subclass (`SFTConfig`, `GRPOConfig`), under its field name here."
+    import dataclasses
+    # transformers 5.18 renamed gradient_checkpointing to activation_checkpointing; 5.17 (vLLM 0.31's cap) has the old name only
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(args_cls)}
+    return {"activation_checkpointing" if new else "gradient_checkpointing": bool(on)}
+
+@functools.cache
+def _forward_params(cls) -> frozenset:
+    import inspect
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+def cache_kw(model, cache) -> dict:
+    "`cache` as the KV-cache argument of `model.forward`, under the name this transformers gives it."
+    # transformers 5.18 renamed forward's past_key_values to cache; 5.17 would swallow `cache=` in **kwargs and use no cache
+    old = "past_key_values" in (p := _forward_params(type(model))) and "cache" not in p
+    return {"past_key_values" if old else "cache": cache}
 
 # %% ../nbs/lib/05_model.ipynb #bda93385
 def save_base(model_cfg:dict, tokenizer, out_dir:str|Path, seed:int=0) -> Path:

@@ -272,6 +272,7 @@ def _live_logger(live, echo, t_start):
 def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int, policy:dict|None=None):
     "TRL's `GRPOConfig` for the `rft:` section: one generation of `rollouts_per_step` episodes feeds `rollouts_per_step / minibatch` optimizer steps, `epochs` times."
     from trl import GRPOConfig
+    from kat_nb.model import checkpointing_kw
     mb = rft["minibatch_size"]
     if rollouts_per_step % mb: raise ValueError(f"rft: tasks_per_step x group_size = {rollouts_per_step} is not a multiple of minibatch_size {mb}")
     spg = rollouts_per_step // mb
@@ -284,7 +285,7 @@ def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int, policy:
                       mask_truncated_completions=False, logging_steps=1, save_strategy="steps", save_steps=spg * rft["epochs"] * rft["save_every"],
                       save_total_limit=2, report_to="none", use_cpu=rft["use_cpu"], bf16=False, seed=seed, data_seed=seed,
                       disable_tqdm=True, remove_unused_columns=False, log_completions=False, shuffle_dataset=True,
-                      activation_checkpointing=False,   # TRL turns it on by default: a ~25% recompute the tiny model does not need
+                      **checkpointing_kw(GRPOConfig, False),   # TRL turns it on by default: a ~25% recompute the tiny model does not need
                       **_vllm_args(policy))
 
 def _vllm_args(policy:dict|None) -> dict:

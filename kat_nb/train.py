@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .core import from_root, set_seed
-from .model import build_model, load_tokenizer, row_text, train_tokenizer, _dtype
+from .model import build_model, checkpointing_kw, load_tokenizer, row_text, train_tokenizer, _dtype
 
 # %% auto #0
 __all__ = ['grad_accum_steps', 'world_size', 'with_eos', 'lm_dataset', 'PackedCollator', 'last_checkpoint', 'trim_live',
@@ -135,7 +135,7 @@ def midtrain_args(params:dict, # the `midtrain:` params section
               seed=seed, data_seed=seed, report_to="none", disable_tqdm=True, max_length=p["seq_len"], packing=False,
               dataset_kwargs={"skip_prepare_dataset": True}, include_num_input_tokens_seen="non_padding",
               remove_unused_columns=False, dataloader_num_workers=0,
-              activation_checkpointing=bool(p.get("activation_checkpointing", False)))   # TRL's default is on: ~25% slower
+              **checkpointing_kw(SFTConfig, p.get("activation_checkpointing", False)))   # TRL's default is on: ~25% slower
     kw.update(overrides)
     return SFTConfig(**kw)
 

@@ -420,15 +420,16 @@ def _rooted_loss(model, batch:dict):
     m = _unwrap(model); parts = _decoder_and_head(m)
     if parts is None or getattr(m.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         raise ValueError("a shared prefix (share_root) needs an sdpa/eager model with a separable LM head; use share_root=False")
-    ckpt = getattr(m, "is_activation_checkpointing", None)      # transformers 5 name; older: is_gradient_checkpointing
+    ckpt = getattr(m, "is_activation_checkpointing", None)      # transformers >= 5.18 name; 5.17: is_gradient_checkpointing
     if ckpt is None: ckpt = getattr(m, "is_gradient_checkpointing", False)
     if ckpt and m.training:
         raise ValueError("a shared prefix (share_root) reuses a key/value cache that activation checkpointing would recompute "
                          "and extend: set activation_checkpointing: false (or share_root=False)")
     dec, head = parts
     from transformers import DynamicCache
+    from kat_nb.model import cache_kw
     cache = DynamicCache(config=m.config)                  # explicit: the model's config may say use_cache=False
-    out_r = dec(input_ids=batch["root_ids"], position_ids=batch["root_pos"], cache=cache, use_cache=True)
+    out_r = dec(input_ids=batch["root_ids"], position_ids=batch["root_pos"], use_cache=True, **cache_kw(dec, cache))
     hidden = [out_r.last_hidden_state[0]]
     index = [batch["root_pair_index"]]; labels = [batch["root_pair_label"]]; weights = [batch["root_pair_weight"]]
     if "input_ids" in batch:
@@ -436,7 +437,7 @@ def _rooted_loss(model, batch:dict):
         cache.batch_repeat_interleave(R)
         attn, impl = _tree_attention(model, batch, P)
         with _attn_implementation(m, impl):
-            out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cache=cache, use_cache=True, **attn)
+            out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True, **attn, **cache_kw(dec, cache))
         hidden.append(out.last_hidden_state.flatten(0, 1))
         index.append(batch["pair_index"] + P); labels.append(batch["pair_label"]); weights.append(batch["pair_weight"])
     logits = head(torch.cat(hidden)[torch.cat(index)]).float()
@@ -923,10 +924,11 @@ def tree_training(train_seqs:list[dict], valid_seqs:list[dict], # tokenized traj
 def tree_sft_args(out_dir:str, **kw):
     "An `SFTConfig` (a `TrainingArguments`) for pre-packed tree rows on CPU: no dataset preparation, our columns kept, no reporting."
     from trl import SFTConfig
+    from kat_nb.model import checkpointing_kw
     base = dict(output_dir=str(out_dir), per_device_train_batch_size=2, learning_rate=3e-3, lr_scheduler_type="constant",
                 use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1,
                 dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, dataloader_num_workers=0,
-                activation_checkpointing=False)
+                **checkpointing_kw(SFTConfig, False))
     return SFTConfig(**{**base, **kw})
 
 # %% ../nbs/lib/12_tree.ipynb #2f135ba6
