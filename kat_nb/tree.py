@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 # %% auto #0
-__all__ = ['TREE_KEYS', 'TREE_SDPA', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'TREE_STEP_ARGS', 'BENCH_MODEL',
-           'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees', 'pack_rows',
-           'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_segments', 'tree_loss',
-           'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
-           'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces', 'tokenize_messages',
-           'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups', 'pack_step',
-           'tree_step_dataset', 'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin', 'tree_trainer',
-           'tree_training', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree',
-           'compare_training']
+__all__ = ['TREE_KEYS', 'TREE_SDPA', 'FLEX_KERNEL_OPTIONS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS',
+           'TREE_STEP_ARGS', 'BENCH_MODEL', 'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree',
+           'pack_trees', 'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask',
+           'tree_segments', 'tree_loss', 'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats',
+           'ByteTokenizer', 'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces',
+           'tokenize_messages', 'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups',
+           'pack_step', 'tree_step_dataset', 'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin',
+           'tree_trainer', 'tree_training', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb',
+           'bench_tree', 'compare_training']
 
 # %% ../nbs/lib/12_tree.ipynb #05fa1fec
 @dataclass
@@ -297,7 +297,7 @@ def collate_tree_rows(rows:list[dict], # from `pack_rows`
 
 TREE_KEYS = ("subtree_end", "row_len", "pair_index", "pair_label", "pair_weight", "tokens_tree", "tokens_flat", "labels")
 
-# %% ../nbs/lib/12_tree.ipynb #d6d9069c
+# %% ../nbs/lib/12_tree.ipynb #75eb17fd
 def _unwrap(model): return getattr(model, "module", model)
 
 def tree_mask_for(model, subtree_end):
@@ -387,7 +387,14 @@ def _tree_attention(model, batch:dict, prefix:int=0) -> tuple[dict, str|None]:
         return {"attention_mask": None, "tree_segments": tree_segments(batch["subtree_end"], batch["row_len"], under, prefix, dtype)}, TREE_SDPA
     if prefix:           # eager, or sdpa without `row_len` (`_rooted_loss` has already refused other implementations)
         return {"attention_mask": torch.cat([_prefix_columns(under, prefix, dtype), tree_attention_mask(batch["subtree_end"], dtype)], -1)}, None
-    return {"attention_mask": tree_mask_for(model, batch["subtree_end"])}, None
+    attn = {"attention_mask": tree_mask_for(model, batch["subtree_end"])}
+    if impl == "flex_attention" and next(m.parameters()).is_cuda: attn["kernel_options"] = FLEX_KERNEL_OPTIONS
+    return attn, None
+
+# flex_attention's AUTO backend picks its decoding kernel for short rows; with grouped-query heads that kernel had no valid
+# config (torch 2.11, H200: `NoValidChoicesError` on 74-token rows, scripts/gpu_check.sh, 2026-11-30). Training rows want
+# the standard kernel anyway.
+FLEX_KERNEL_OPTIONS = {"BACKEND": "TRITON"}
 
 def _decoder_and_head(m):
     "The model's decoder stack and LM head when logits can be taken from hidden states (no soft-capping), else None."

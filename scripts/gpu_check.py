@@ -70,7 +70,7 @@ def tree_attention(device:str) -> dict:
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     out = {}
     for impl in impls:
-        m = tiny_qwen3(attn_implementation=impl, seed=0).to(device)
+        m = tiny_qwen3(hidden_size=64, attn_implementation=impl, seed=0).to(device)   # head_dim 16: flex_attention's minimum
         loss, _ = tree_loss(m, batch); loss.backward()
         out[impl] = {"loss": loss.detach()} | {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
     res = compare(out[impls[1]], out[impls[0]], rtol=1e-3)
