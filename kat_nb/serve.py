@@ -80,7 +80,7 @@ def make_policy(path, backend:str="hf", name:str|None=None,
                                           tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, **kw)
     raise ValueError(f"policy.backend: {backend!r} is not one of hf, vllm")
 
-# %% ../nbs/lib/10a_serve.ipynb #27203d04
+# %% ../nbs/lib/10a_serve.ipynb #427bc753
 def serve_command(folder:str|Path, max_model_len:int|None=None) -> str:
     "The `vllm serve` line for a checkpoint folder (OpenAI-compatible server with structured tool calls)."
     return (f"vllm serve {folder} --enable-auto-tool-choice --tool-call-parser hermes"
@@ -138,14 +138,10 @@ def write_serving_files(out_dir:str|Path, # a saved checkpoint folder (model + t
     return [out_dir/n for n in files]
 
 def _count_params(out_dir:Path) -> int:
-    "Parameters in the folder's safetensors files (tied weights counted once), without loading the model."
+    "Parameters in the folder's safetensors files (a tied head is not saved twice), read from their headers, no weights loaded."
+    import math
     from safetensors import safe_open
-    seen, n = set(), 0
+    n = 0
     for f in sorted(out_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k); shape = sl.get_shape()
-                size = 1
-                for d in shape: size *= d
-                n += size
+        with safe_open(str(f), "pt") as st: n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     return n

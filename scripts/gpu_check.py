@@ -105,7 +105,7 @@ def pipeline(device:str, tmp:Path, tasks:int=20, steps:int=30, allow:set=frozens
     from kat_nb.world import make_world, teacher_trajectory
     p = load_params(ROOT/"params.yaml", profile="tiny")
     world = make_world(0, n_train=48, n_valid=4, n_test=tasks)
-    rows = [teacher_trajectory(t, seed=i, route=r) for i, t in enumerate(world["train"]) for r in ("read_first",)]
+    rows = [teacher_trajectory(t, seed=i) for i, t in enumerate(world["train"])]
     valid = [teacher_trajectory(t) for t in world["valid"]]
     tok = train_tokenizer([row_text(r) for r in rows], vocab_size=1024, min_frequency=2)
     base = save_base(p.model.model_dump(), tok, tmp/"base", seed=0)
@@ -118,7 +118,6 @@ def pipeline(device:str, tmp:Path, tasks:int=20, steps:int=30, allow:set=frozens
         sft |= {"use_cpu": False, "bf16": True, "deepspeed": "configs/zero2.json"}
         # one process without a launcher: the env a launcher would set (DeepSpeed initialises torch.distributed from it)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29631"), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    t = time.time()
     m = run_sft(rows, valid, base, sft, tmp/"sft", None, seed=0, echo=None)
     out["sft"] = {k: m[k] for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "seconds")} | {"precision": "bf16" if sft["bf16"] else "fp32",
                   "deepspeed": sft.get("deepspeed")}

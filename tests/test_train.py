@@ -105,17 +105,21 @@ def test_resume_after_kill(tmp_path, tok_dir):
     steps = tsv_steps(tmp_path/"dvclive/plots/metrics/train/loss.tsv")
     assert steps == sorted(set(steps)) and steps[-1] == 400
 
-def test_zero2_two_cpu_processes(tmp_path, tok_dir):
-    "DeepSpeed ZeRO-2 (configs/zero2.json) in two CPU processes over gloo, through the HF Trainer."
+def two_process_run(tmp_path, tok_dir, zero_config:str, port:int):
+    "4 midtrain steps in two CPU processes over gloo (torch.distributed.run) with a DeepSpeed config: (stdout, metrics, start time)."
     script = write_job(tmp_path, tok_dir, max_steps=4, global_batch_size=8, per_device_batch_size=4, eval_steps=2,
-                       save_steps=2, logging_steps=1, deepspeed=str(ROOT/"configs/zero2.json"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", *script]
+                       save_steps=2, logging_steps=1, deepspeed=str(ROOT/"configs"/zero_config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *script]
     t = time.time()
     out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    m = metrics_of(out.stdout)
+    return out.stdout, metrics_of(out.stdout), t
+
+def test_zero2_two_cpu_processes(tmp_path, tok_dir):
+    "DeepSpeed ZeRO-2 (configs/zero2.json) in two CPU processes over gloo, through the HF Trainer."
+    stdout, m, t = two_process_run(tmp_path, tok_dir, "zero2.json", 29517)
     assert m["train_steps"] == 4 and m["val_loss_end"] < m["val_loss_start"]
-    assert "1 accum x 2 processes" in out.stdout
+    assert "1 accum x 2 processes" in stdout
     assert (tmp_path/"midtrain/checkpoints/checkpoint-4").exists() and (tmp_path/"midtrain/model.safetensors").exists()
     print(f"zero2 two-process run: {time.time() - t:.1f} s")
 
@@ -131,14 +135,8 @@ def test_zero3_two_cpu_processes(tmp_path, tok_dir):
     from kat_nb.core import set_seed
     from kat_nb.model import build_model, load_tokenizer, row_text
     from kat_nb.train import PackedCollator, lm_dataset
-    script = write_job(tmp_path, tok_dir, max_steps=4, global_batch_size=8, per_device_batch_size=4, eval_steps=2,
-                       save_steps=2, logging_steps=1, deepspeed=str(ROOT/"configs/zero3.json"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", *script]
-    t = time.time()
-    out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    m = metrics_of(out.stdout)
-    assert m["train_steps"] == 4 and m["val_loss_end"] < m["val_loss_start"] and "1 accum x 2 processes" in out.stdout
+    stdout, m, t = two_process_run(tmp_path, tok_dir, "zero3.json", 29519)
+    assert m["train_steps"] == 4 and m["val_loss_end"] < m["val_loss_start"] and "1 accum x 2 processes" in stdout
     ckpt = tmp_path/"midtrain/checkpoints/checkpoint-4"
     assert (ckpt/"global_step4").is_dir() and (ckpt/"trainer_state.json").exists()   # the sharded DeepSpeed state resumes
     model = AutoModelForCausalLM.from_pretrained(tmp_path/"midtrain")
