@@ -16,7 +16,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
            'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #3919d37b
+# %% ../nbs/lib/01_config.ipynb #20329699
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -188,6 +188,7 @@ class RftParams(_Section):
     drift_patience: int = Field(2, ge=1)              # drifting turns in a row before the rollout is stopped or corrected
     max_corrections: int = Field(2, ge=0)             # spliced reference turns per rollout (correct mode)
     resample_budget: int = Field(0, ge=0)             # stopped rollouts per step that are sampled again (stop mode)
+    guide: Literal["off", "failed", "all"] = "off"    # swap one rollout of a group for its nearest reference: groups without a pass (failed), every group (all)
     reward_weights: dict[Literal["tests", "format", "reference"], float] = {"tests": 1.0, "format": 0.1, "reference": 0.2}
     aggregate: Literal["max", "mean", "softmax"] = "max"   # how the similarities to the references combine
     gate_reference: bool = True                       # the reference similarity counts only for rollouts the tests pass (ungated it is gamed: see kat_nb.rft)
