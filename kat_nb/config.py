@@ -16,7 +16,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
            'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #20329699
+# %% ../nbs/lib/01_config.ipynb #1710b769
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -169,6 +169,7 @@ class RftParams(_Section):
     minibatch_size: int = Field(16, ge=1)             # rollouts per optimizer step (a step's rollouts / this = updates per epoch)
     epochs: int = Field(1, ge=1)                      # passes over a step's rollouts (GRPO's mu; > 1 makes the clip bite)
     learning_rate: float = Field(3e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"      # sgd: steps proportional to the gradient (Adam's first steps are sign steps: every weight moves by ~lr)
     warmup_steps: int = Field(0, ge=0)                # optimizer steps
     kl_coef: float = Field(0.04, ge=0)                # beta of the KL term to the SFT policy (0: no reference model)
     clip: float = Field(0.2, gt=0)                    # epsilon of the clipped importance ratio

@@ -288,7 +288,7 @@ def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
     return chosen, {"select": "unsolved", "tasks": n, "candidates": len(probe), "greedy_resolved": round(len(solved) / len(probe), 4),
                     "unsolved_kept": min(len(failed), n), "probe_seconds": round(time.time() - t0, 1)}
 
-# %% ../nbs/lib/16_rft.ipynb #e82d5f25
+# %% ../nbs/lib/16_rft.ipynb #83f81c68
 def _live_logger(live, echo, t_start):
     from transformers import TrainerCallback
     class RftCurves(TrainerCallback):
@@ -318,6 +318,7 @@ def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int, policy:
                       max_steps=rft["steps"] * spg * rft["epochs"], beta=rft["kl_coef"], epsilon=rft["clip"],
                       loss_type=rft["loss_type"], scale_rewards="group" if rft["scale_rewards"] else "none",
                       learning_rate=rft["learning_rate"], lr_scheduler_type="constant_with_warmup", warmup_steps=rft["warmup_steps"],
+                      **({"optim": "sgd"} if rft.get("optimizer", "adamw") == "sgd" else {}),
                       weight_decay=0.0, max_grad_norm=1.0, temperature=rft["temperature"], max_completion_length=rft["max_completion_tokens"],
                       mask_truncated_completions=False, logging_steps=1, save_strategy="steps", save_steps=spg * rft["epochs"] * rft["save_every"],
                       save_total_limit=2, report_to="none", use_cpu=rft["use_cpu"], bf16=False, seed=seed, data_seed=seed,
