@@ -16,7 +16,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
            'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #1710b769
+# %% ../nbs/lib/01_config.ipynb #8ae2fec4
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -198,9 +198,9 @@ class RftParams(_Section):
     save_every: int = Field(2, ge=1)                  # checkpoint every this many RFT steps (resume after a kill)
     use_cpu: bool = True
 
-    @field_validator("drift_mode", mode="before")
+    @field_validator("drift_mode", "guide", mode="before")
     @classmethod
-    def _off(cls, v):   # YAML 1.1 reads a bare `off` (what `dvc exp run -S rft.drift_mode=off` writes) as false
+    def _off(cls, v):   # YAML 1.1 reads a bare `off` (what `dvc exp run -S ...` writes when it dumps params.yaml) as false
         return "off" if v is False else v
 
     @model_validator(mode="after")

@@ -59,3 +59,17 @@ def test_bare_yaml_off_is_the_off_drift_mode(tmp_path):
     (tmp_path/"params.yaml").write_text((ROOT/"params.yaml").read_text().replace("  drift_mode: stop", "  drift_mode: on", 1))
     with pytest.raises(ParamsError, match="rft.drift_mode"):
         load_params(root=tmp_path)
+
+
+def test_bare_yaml_off_is_the_off_guide(tmp_path):
+    "Any `dvc exp run -S ...` dumps params.yaml again, and the default `guide: \"off\"` comes back as a bare `off` (false)."
+    import re
+    (tmp_path/"configs"/"profiles").mkdir(parents=True)
+    (tmp_path/"configs"/"profiles"/"tiny.yaml").write_text("{}\n")
+    text = (ROOT/"params.yaml").read_text()
+    assert re.search(r"^  guide: ", text, re.M), "params.yaml has no rft.guide line"
+    (tmp_path/"params.yaml").write_text(re.sub(r"^  guide: .*$", "  guide: off", text, count=1, flags=re.M))
+    assert load_params(root=tmp_path).rft.guide == "off"
+    (tmp_path/"params.yaml").write_text(re.sub(r"^  guide: .*$", "  guide: on", text, count=1, flags=re.M))
+    with pytest.raises(ParamsError, match="rft.guide"):
+        load_params(root=tmp_path)
