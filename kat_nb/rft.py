@@ -183,7 +183,7 @@ def reference_record(reference:dict) -> dict:
     return {"messages": msgs, "files": reference["files"], "resolved": True, "finish": "reference",
             "turns": sum(m.get("role") == "assistant" for m in msgs)}
 
-# %% ../nbs/lib/16_rft.ipynb #caf6cab1
+# %% ../nbs/lib/16_rft.ipynb #1e2422f4
 def episode_limits(rft:dict) -> dict:
     "The `run_episodes` limits an `rft:` section sets (the rollouts and the task probe share them; absent keys keep run_episodes' defaults)."
     return {k: rft[k] for k in ("max_turns", "max_chars", "tool_timeout", "max_format_errors") if k in rft}
@@ -233,7 +233,7 @@ class RftRollouts:
         G = trainer.num_generations
         own = [r["resolved"] for r in recs]           # the policy's own verdicts, before any guidance
         fmt = sum(r["finish"] == "format_errors" for r in recs)
-        guided = guide_groups(recs, ids, self.refs, G, p.get("guide", "off"))
+        guided = guide_groups(recs, ids, self.refs, G, p["guide"])
         for i, k in guided: recs[i] = reference_record(self.refs[ids[i]][k])
         toks = [stream_tokens(r, p["max_completion_tokens"]) if r.get("tokens") else episode_tokens(r["messages"], self.tok, p["max_completion_tokens"])
                 for r in recs]
@@ -288,7 +288,7 @@ def select_tasks(pool:list[Task],        # train tasks in the run's seeded order
     return chosen, {"select": "unsolved", "tasks": n, "candidates": len(probe), "greedy_resolved": round(len(solved) / len(probe), 4),
                     "unsolved_kept": min(len(failed), n), "probe_seconds": round(time.time() - t0, 1)}
 
-# %% ../nbs/lib/16_rft.ipynb #83f81c68
+# %% ../nbs/lib/16_rft.ipynb #793d6efe
 def _live_logger(live, echo, t_start):
     from transformers import TrainerCallback
     class RftCurves(TrainerCallback):
@@ -318,7 +318,7 @@ def grpo_config(rft:dict, out_dir:Path, seed:int, rollouts_per_step:int, policy:
                       max_steps=rft["steps"] * spg * rft["epochs"], beta=rft["kl_coef"], epsilon=rft["clip"],
                       loss_type=rft["loss_type"], scale_rewards="group" if rft["scale_rewards"] else "none",
                       learning_rate=rft["learning_rate"], lr_scheduler_type="constant_with_warmup", warmup_steps=rft["warmup_steps"],
-                      **({"optim": "sgd"} if rft.get("optimizer", "adamw") == "sgd" else {}),
+                      **({"optim": "sgd"} if rft["optimizer"] == "sgd" else {}),   # else TrainingArguments' AdamW
                       weight_decay=0.0, max_grad_norm=1.0, temperature=rft["temperature"], max_completion_length=rft["max_completion_tokens"],
                       mask_truncated_completions=False, logging_steps=1, save_strategy="steps", save_steps=spg * rft["epochs"] * rft["save_every"],
                       save_total_limit=2, report_to="none", use_cpu=rft["use_cpu"], bf16=False, seed=seed, data_seed=seed,
