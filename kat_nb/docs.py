@@ -9,7 +9,8 @@ import nbformat
 from .core import repo_root
 
 # %% auto #0
-__all__ = ['README_HEADER', 'render_readme', 'write_readme', 'proc_nbs']
+__all__ = ['README_HEADER', 'OUTPUT_MAX_CHARS', 'render_readme', 'write_readme', 'proc_nbs', 'trim_outputs', 'store_outputs',
+           'store_all_outputs']
 
 # %% ../nbs/lib/09_docs.ipynb #c23d7a72
 README_HEADER = "<!-- Generated from nbs/index.ipynb by `kat-nb readme` (make readme): edit the notebook, not this file. -->\n\n"
@@ -50,3 +51,77 @@ def proc_nbs(root:Path|None=None) -> Path:
         _proc(root/"nbs")
     finally: os.chdir(cwd)
     return root/"_proc"
+
+# %% ../nbs/lib/09_docs.ipynb #a66c86a8
+OUTPUT_MAX_CHARS = 4000   # a longer text output keeps its head and says how much was cut
+
+def _trim_text(txt:str) -> str:
+    txt = "\n".join(l.rsplit("\r", 1)[-1] for l in txt.split("\n"))   # a progress bar's last state only
+    return txt if len(txt) <= OUTPUT_MAX_CHARS else txt[:OUTPUT_MAX_CHARS] + f"\n… ({len(txt) - OUTPUT_MAX_CHARS:,} characters cut)\n"
+
+def trim_outputs(outputs:list) -> list:
+    "Outputs fit for a committed notebook and a docs page: stream redraws collapsed, widgets dropped, long text cut."
+    out = []
+    for o in outputs:
+        o = nbformat.from_dict(dict(o)); o.pop("execution_count", None) if o.get("output_type") == "stream" else None
+        if o.get("output_type") == "stream":
+            o["text"] = _trim_text("".join(o["text"]) if isinstance(o["text"], list) else o["text"])
+            if not o["text"].strip(): continue
+        elif "data" in o:
+            o["data"] = {k: v for k, v in o["data"].items() if "widget" not in k}
+            if not o["data"]: continue
+            for k in ("text/plain", "text/html", "text/markdown"):
+                if k in o["data"]: o["data"][k] = _trim_text("".join(o["data"][k]) if isinstance(o["data"][k], list) else o["data"][k])
+            if "execution_count" in o: o["execution_count"] = None
+        out.append(o)
+    return out
+
+# %% ../nbs/lib/09_docs.ipynb #83c2ef64
+def store_outputs(nb_path:Path|str) -> int:
+    "Run a notebook as `nbdev_test` does and store its (trimmed) outputs in it; the number of code cells run."
+    import os
+    from execnb.shell import CaptureShell
+    from fastcore.xtras import working_directory
+    from nbdev.config import get_config
+    from nbdev.frontmatter import FrontmatterProc
+    from nbdev.process import NBProcessor
+    nb_path = Path(nb_path).resolve()
+    flags = set(get_config().get("tst_flags", "").split())
+    nb = NBProcessor(nb_path, procs=FrontmatterProc, process=True).nb
+    ran = []
+    def _skip(cell):
+        if cell.cell_type != "code": return True
+        direc = getattr(cell, "directives_", {}) or {}
+        if direc.get("eval:", [""])[0].lower() == "false" or flags & direc.keys(): return True
+        ran.append(cell); return False
+    os.environ["IN_TEST"] = "1"
+    shell = CaptureShell(nb_path)
+    with working_directory(nb_path.parent):
+        try: shell.run_all(nb, exc_stop=True, preproc=_skip)
+        except Exception as e: raise RuntimeError(f"{nb_path}: a cell failed, outputs not stored\n{shell.prettytb(fname=nb_path)}") from e
+    raw = nbformat.read(str(nb_path), as_version=4)
+    code = [c for c in raw.cells if c.cell_type == "code"]
+    done = [c for c in nb.cells if c.cell_type == "code"]
+    if len(code) != len(done):   # (nbdev's processing takes the `#|` directives out of the sources it runs)
+        raise RuntimeError(f"{nb_path}: its code cells changed while it ran; outputs not stored")
+    ids = {id(c) for c in ran}
+    for c, d in zip(code, done):
+        if id(d) in ids: c.outputs = trim_outputs(d.get("outputs", []))
+        c.execution_count = None
+    nbformat.write(raw, str(nb_path))
+    return len(ran)
+
+# %% ../nbs/lib/09_docs.ipynb #ba4f286e
+def store_all_outputs(paths:list[Path]|None=None, workers:int=2, root:Path|None=None) -> dict[str, str]:
+    "`store_outputs` on each notebook (default: the library notebooks) in its own process, `workers` at a time; then `nbdev_clean`."
+    import subprocess, sys
+    from concurrent.futures import ThreadPoolExecutor
+    root = root or repo_root()
+    paths = [Path(p).resolve() for p in (paths or sorted((root/"nbs"/"lib").glob("*.ipynb")))]
+    def _one(p):
+        r = subprocess.run([sys.executable, "-c", f"from kat_nb.docs import store_outputs; print(store_outputs({str(p)!r}))"],
+                           cwd=root, capture_output=True, text=True)
+        return p, ("ok" if r.returncode == 0 else "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+    with ThreadPoolExecutor(workers) as ex: res = {str(p.relative_to(root)): s for p, s in ex.map(_one, paths)}
+    subprocess.run([str(Path(sys.executable).with_name("nbdev_clean"))], cwd=root, check=True)
+    return res
