@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Tests and CI may use both cores; each test process keeps torch to one thread (see tests/conftest.py).
 PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
-.PHONY: venv sandbox-check repro test lab check readme clean-venv
+.PHONY: venv sandbox-check repro test lab docs docs-check outputs check readme clean-venv
 
 $(VENV)/.installed: requirements.txt constraints.txt settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,19 @@ test: venv sandbox-check
 ## JupyterLab on the project's kernel.
 lab: venv
 	jupyter lab --notebook-dir=nbs
+
+## The documentation site into _docs/, offline: nbdev_docs where Quarto is installed, else Sphinx + MyST-NB
+## (kat_nb.site). Open _docs/index.html, or serve it: python -m http.server -d _docs
+docs: venv
+	kat-nb docs
+
+## The site, then every page opened in headless Chromium (needs Debian's chromium; screenshots in build/docs-screens/).
+docs-check: venv
+	kat-nb docs --check
+
+## Re-run the library notebooks and store their outputs (what the docs show); commit the notebooks after.
+outputs: venv
+	kat-nb outputs
 
 ## nbdev_clean and nbdev_export must leave no diff; README.md must match nbs/index.ipynb.
 check: venv

@@ -16,21 +16,25 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
            'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #8ae2fec4
+# %% ../nbs/lib/01_config.ipynb #09bc5b91
 class _Section(BaseModel):
+    "A `params.yaml` section: unknown keys are errors, values are validated."
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 class Base(_Section):
+    "`base:` the profile and the seed every stage shares."
     profile: str = "tiny"          # which configs/profiles/<profile>.yaml overrides the defaults
     seed: int = 0                   # one seed for data generation, splits and training
 
 class WorldParams(_Section):
+    "`data.world:` the generated task world's split sizes and held-out bug kinds."
     n_train: int = Field(3000, ge=1)   # bug-fixing tasks (with teacher trajectories) for training
     n_valid: int = Field(100, ge=1)
     n_test: int = Field(100, ge=1)     # held-out evaluation tasks
     held_out_bug_kinds: list[str] = ["wrong_variable"]  # kinds that appear only in the test split
 
 class MidtrainDataParams(_Section):
+    "`data.midtrain:` the four components of the mid-training mixture and their deduplication."
     stdlib_files: int = Field(400, ge=0)      # stdlib .py files in the code corpus
     chunk_chars: int = Field(3000, ge=200)    # code-corpus chunk size (characters)
     stdlib_diffs: int = Field(1500, ge=0)     # commit/diff samples: bugs injected into stdlib functions
@@ -43,6 +47,7 @@ class MidtrainDataParams(_Section):
     shingle_words: int = Field(5, ge=1)
 
 class HFSource(_Section):
+    "A Hugging Face dataset as a mid-training source (GPU profiles)."
     path: str                            # a Hugging Face dataset id or a local json/jsonl/parquet file
     split: str = "train"
     text_field: Optional[str] = "text"
@@ -51,16 +56,19 @@ class HFSource(_Section):
     component: Optional[str] = None      # data-card component of the rows (default: code for text, agentic for chats)
 
 class DataParams(_Section):
+    "`data:` the task world and the mid-training mixture."
     world: WorldParams = WorldParams()
     midtrain: MidtrainDataParams = MidtrainDataParams()
     hf: Optional[HFSource] = None        # GPU profiles: real mid-training text read with `datasets`
 
 class TokenizerParams(_Section):
+    "`tokenizer:` the byte-level BPE trained on the corpus (config-built models)."
     vocab_size: int = Field(2048, ge=300)
     min_frequency: int = Field(2, ge=1)
     max_chars: int = Field(20_000_000, ge=1000)  # training text cap for the BPE trainer
 
 class ModelParams(_Section):
+    "`model:` where the model comes from (config, GGUF, hub) and its shape."
     source: Literal["config", "gguf", "hub"] = "config"  # build from a config, a packaged GGUF, or a Hub id
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -84,6 +92,7 @@ class ModelParams(_Section):
         return self
 
 class MidtrainParams(_Section):
+    "`midtrain:` continued pretraining on the packed mixture."
     max_steps: int = Field(600, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     lr_scheduler_type: str = "cosine"
@@ -116,6 +125,7 @@ class MidtrainParams(_Section):
         return self
 
 class SftHFSource(_Section):
+    "A labelled Hugging Face chat dataset as an SFT source."
     path: str                                   # a Hugging Face dataset id or a local json/jsonl/parquet file
     split: str = "train"
     messages_field: str = "messages"
@@ -123,6 +133,7 @@ class SftHFSource(_Section):
     label_fields: Optional[dict[str, str]] = None   # axis -> column (default: columns named language, context, archetype)
 
 class SftParams(_Section):
+    "`sft:` the quota-balanced mixture and its training."
     grid_rows: int = Field(20000, ge=0)
     bugfix_rows: Optional[int] = Field(None, ge=0)
     skew: bool = True
@@ -215,6 +226,7 @@ class RftParams(_Section):
         return self
 
 class EvalParams(_Section):
+    "`eval:` the checkpoints × suites matrix."
     checkpoints: list[str] = ["base", "midtrain"]   # model folders under models/ scored by the eval matrix
     suites: list[Literal["world", "humaneval"]] = ["world", "humaneval"]
     world_tasks: int = Field(100, ge=1)             # held-out test tasks scored (at most data.world.n_test)
@@ -234,6 +246,7 @@ class PolicyParams(_Section):
     max_model_len: Optional[int] = Field(None, ge=64)  # vLLM: context length (None: the model's max_position_embeddings)
 
 class Params(_Section):
+    "Every section of `params.yaml`, validated: what `load_params` returns."
     base: Base = Base()
     data: DataParams = DataParams()
     tokenizer: TokenizerParams = TokenizerParams()

@@ -11,10 +11,10 @@ from .core import repo_root, run_record
 from .config import STAGES, MATRIX, ParamsError, load_params, stage_parameters, stage_dirs
 
 # %% auto #0
-__all__ = ['STAGE_NB_DIR', 'STRIP_DIR', 'log', 'SANDBOXED_STAGES', 'RANK_DIR', 'SHARED_DIRS', 'PKG', 'BENCHES', 'stage_notebook',
-           'strip_notebook', 'strip_all', 'StageNotebookError', 'check_parameters', 'sandbox_record', 'rank_out_root',
-           'run_stage', 'kat_imports', 'notebook_imports', 'module_closure', 'stage_modules', 'code_fingerprint',
-           'fingerprint', 'prepare_checkpoints', 'format_table', 'run_bench']
+__all__ = ['STAGE_NB_DIR', 'STRIP_DIR', 'log', 'SANDBOXED_STAGES', 'RANK_DIR', 'SHARED_DIRS', 'PKG', 'BENCHES', 'BENCH_DIR',
+           'stage_notebook', 'strip_notebook', 'strip_all', 'StageNotebookError', 'check_parameters', 'sandbox_record',
+           'rank_out_root', 'run_stage', 'kat_imports', 'notebook_imports', 'module_closure', 'stage_modules',
+           'code_fingerprint', 'fingerprint', 'prepare_checkpoints', 'format_table', 'run_bench']
 
 # %% ../nbs/lib/07_pipeline.ipynb #12df7bd7
 STAGE_NB_DIR = "nbs/stages"
@@ -213,7 +213,7 @@ def prepare_checkpoints(ckpt_dir:Path|str, fp:str) -> bool:
     ckpt_dir.mkdir(parents=True, exist_ok=True); stamp.write_text(fp+"\n")
     return has and old == fp
 
-# %% ../nbs/lib/07_pipeline.ipynb #5f4c1575
+# %% ../nbs/lib/07_pipeline.ipynb #ab39ad4b
 BENCHES = {  # name -> "module:function"
     "midtrain": "kat_nb.train:bench_midtrain_mixture",
     "rollout": "kat_nb.env:bench_rollout",
@@ -233,12 +233,20 @@ def format_table(rows:list[dict]) -> str:
     line = lambda xs: "  ".join(x.ljust(w[i]) for i, x in enumerate(xs)).rstrip()
     return "\n".join([line(cols), line(["-"*x for x in w]), *map(line, cells)])
 
-def run_bench(name:str, **kwargs) -> list[dict]:
-    "Run benchmark `name`, print its table then one JSON line per configuration."
-    import importlib
+BENCH_DIR = "metrics/bench"   # `--save`: committed results, which the docs' Results page tabulates
+
+def run_bench(name:str, save:bool=False, root:Path|None=None, **kwargs) -> list[dict]:
+    "Run benchmark `name`, print its table then one JSON line per configuration; `save`: also `metrics/bench/<name>.json`."
+    import importlib, os, platform, time
     if name not in BENCHES: raise SystemExit(f"unknown benchmark '{name}' (have: {', '.join(BENCHES)})")
     mod, fn = BENCHES[name].split(":")
     rows = getattr(importlib.import_module(mod), fn)(**kwargs)
     print(format_table(rows))
     for r in rows: print(json.dumps({"bench": name, **r}))
+    if save:
+        out = (root or repo_root())/BENCH_DIR/f"{name}.json"; out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"bench": name, "command": f"kat-nb bench {name}" + " --quick" * bool(kwargs.get("quick")) + " --save",
+                                   "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine(),
+                                   "rows": rows}, indent=1) + "\n")
+        print(f"saved {out}")
     return rows

@@ -10,7 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NBDEV_TEST = Path(sys.executable).with_name("nbdev_test")
-LIB_NBS = sorted((ROOT/"nbs").glob("lib/*.ipynb")) + [ROOT/"nbs"/"index.ipynb"]
+# library notebooks, the docs' Results and guide notebooks (they read committed files), and the README's source
+LIB_NBS = sorted((ROOT/"nbs").glob("lib/*.ipynb")) + sorted((ROOT/"nbs").glob("results/*.ipynb")) + \
+          sorted((ROOT/"nbs").glob("guides/*.ipynb")) + [ROOT/"nbs"/"index.ipynb"]
 STAGE_NBS = sorted((ROOT/"nbs"/"stages").glob("[0-9][0-9]_*.ipynb"))
 
 
