@@ -36,9 +36,10 @@ def relink(text:str, url:str, page:str) -> str:
         return "../" * depth + (target[:-5] if target.endswith(".html") else target) + ".ipynb" * target.endswith(".html") + anchor
     return re.sub(re.escape(url) + r"([\w./-]+?\.html)(#[\w-]*)?(?=[)\s\"'>])", _sub, text)
 
-# %% ../nbs/lib/09a_site.ipynb #d2f9d39b
+# %% ../nbs/lib/09a_site.ipynb #3e7ede08
 def _read(p:Path):
-    return nbformat.read(str(p), as_version=4, capture_validation_error={})   # nbdev's own cell keys (`has_sd`): no log noise
+    "A notebook without validation: nbdev's processed ones carry its own cell key `has_sd`, which nbformat logs about (myst_notebook drops it)."
+    return nbformat.v4.reads(Path(p).read_text())
 
 _DIRECTIVE = re.compile(r"^#\|\s*([\w-]+):?\s*(.*)$")
 
@@ -264,7 +265,7 @@ def assemble_site(root:Path, src:Path, proc:Path) -> dict[str, list[str]]:
     nbformat.write(index, str(src/"index.ipynb"))
     return sections
 
-# %% ../nbs/lib/09a_site.ipynb #4fd0a536
+# %% ../nbs/lib/09a_site.ipynb #6969187f
 def build_site(root:Path|None=None, out:Path|None=None, quarto:bool|None=None) -> Path:
     "`make docs`: `nbdev_docs` when Quarto is installed (unless `quarto=False`), else Sphinx + MyST-NB; the site's folder."
     from kat_nb.docs import proc_nbs
@@ -273,10 +274,12 @@ def build_site(root:Path|None=None, out:Path|None=None, quarto:bool|None=None) -
     if quarto:
         subprocess.run([str(Path(sys.executable).with_name("nbdev_docs"))], cwd=root, check=True)
         return root/"_docs"
-    import warnings
+    import logging, warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # nbdev's "cells containing imports and other code" notes, once per cell
-        proc = proc_nbs(root)
+        logging.disable(logging.ERROR)    # and nbformat's complaint about nbdev's own `has_sd` cell key, once per notebook
+        try: proc = proc_nbs(root)
+        finally: logging.disable(logging.NOTSET)
     build = root/"build"; src, html = build/"docs-src", build/"docs"/"html"   # MyST-NB writes images next to the html folder
     assemble_site(root, src, proc)
     fix_anchors(src)
