@@ -71,11 +71,11 @@ class Workspace:
         return {rel: p.read_text(encoding="utf-8", errors="replace")
                 for rel, p in workspace_files(self.root).items() if "__pycache__" not in Path(rel).parts}
 
-# %% ../nbs/lib/03c_tools.ipynb #37345612
+# %% ../nbs/lib/03c_tools.ipynb #3627ec18
 def _clip(s:str, n:int) -> str: return s if len(s) <= n else s[:n] + f"\n[... {len(s) - n} more characters]"
 
-def _check_args(name:str, args:dict):
-    spec = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
+def _check_args(name:str, args:dict, tools:list|None=None):
+    spec = next(t["function"]["parameters"] for t in (tools or TOOLS) if t["function"]["name"] == name)
     for k in spec["required"]:
         if k not in args: raise ToolError(f"{name}: missing argument '{k}'")
     for k, v in args.items():
@@ -148,6 +148,11 @@ _HANDLERS = {"view_file": _view_file, "search": _search, "edit": _edit, "create_
              "run_tests": _run_tests, "run": _run, "submit": _submit}
 
 @patch
+def tools(self:Workspace) -> list[dict]: "The JSON schemas of this workspace's tools (a subclass may offer more: `kat_nb.ide`)."; return TOOLS
+@patch
+def handlers(self:Workspace) -> dict: "Tool name → handler `(workspace, **arguments) -> (observation, exit_code)`."; return _HANDLERS
+
+@patch
 def call(self:Workspace, name:str, arguments:dict|str|None=None) -> dict:
     "Execute one tool call: {observation, status: ok|error, exit_code}; never raises."
     try:
@@ -156,9 +161,10 @@ def call(self:Workspace, name:str, arguments:dict|str|None=None) -> dict:
             except json.JSONDecodeError as e: raise ToolError(f"{name}: arguments are not valid JSON ({e.msg})")
         arguments = {} if arguments is None else arguments
         if not isinstance(arguments, dict): raise ToolError(f"{name}: arguments must be a JSON object")
-        if name not in _HANDLERS: raise ToolError(f"unknown tool {name!r}; available: {', '.join(TOOL_NAMES)}")
-        _check_args(name, arguments)
-        obs, code = _HANDLERS[name](self, **arguments)
+        handlers, tools = self.handlers(), self.tools()
+        if name not in handlers: raise ToolError(f"unknown tool {name!r}; available: {', '.join(t['function']['name'] for t in tools)}")
+        _check_args(name, arguments, tools)
+        obs, code = handlers[name](self, **arguments)
         return {"observation": obs, "status": "ok", "exit_code": code}
     except ToolError as e: return {"observation": f"Error: {e}", "status": "error", "exit_code": None}
     except Exception as e: return {"observation": f"Error: {name}: {type(e).__name__}: {e}", "status": "error", "exit_code": None}
