@@ -71,11 +71,11 @@ class Episode:
         self.messages.append({"role": "tool", "name": tool, "content": observation})
         self.steps.append({"message_index": self._turn_index, "tool": tool, "status": status, "exit_code": exit_code})
 
-# %% ../nbs/lib/10_env.ipynb #2548d367
+# %% ../nbs/lib/10_env.ipynb #6d5a99b1
 def _record(ep:Episode, policy:str, resolved:bool, env_error:str|None, wall_s:float) -> dict:
     m = ep.task.meta
-    return {"task_id": ep.task.id, "family": ep.task.family, "split": m.get("split", "test"), "seed": 0, "tools": TOOLS,
-            "messages": ep.messages, "steps": ep.steps, "tree": {"node_id": f"{ep.task.id}/{policy}", "parent_id": None},
+    return {"task_id": ep.task.id, "family": ep.task.family, "split": m.get("split", "test"), "seed": 0, "tools": ep.ws.tools(),
+            "messages": ep.messages, **({"trace": ep.trace} if getattr(ep, "trace", None) else {}), "steps": ep.steps, "tree": {"node_id": f"{ep.task.id}/{policy}", "parent_id": None},
             "resolved": resolved, "policy": policy, "finish": ep.finish, "turns": ep.turns, "env_error": env_error,
             "bug_kind": m.get("bug_kind"), "wall_s": round(wall_s, 3)} | ({"tokens": ep.tokens, "token_mask": ep.token_mask} if ep.tokens else {})
 
@@ -87,22 +87,23 @@ def run_episodes(tasks:list[Task], policy:Policy,
                  keep_files:bool=False,     # add each episode's final workspace (`files`) to its record (RFT/RL rewards read it)
                  monitor:Callable[[list[Episode]], None]|None=None, # after every round of turns, sees the live episodes: may end one (done + finish) or take a turn in its place (RFT's drift correction)
                  tool_workers:int=4,        # threads executing a round's tool calls (each episode has its own workspace and sandbox)
+                 start:Callable[[Task, float], Episode]|None=None, # the episode of a task (default `Episode.start`; the IDE harness: `kat_nb.ide.IdeEpisode.start`)
                 ) -> list[dict]:
     """Run `policy` on every task through the real environment; one trajectory record per task, in order (a task listed
     G times is G episodes: a GRPO group). A policy that stops producing tool calls is done: after `max_format_errors`
     such turns in a row the episode ends (finish `format_errors`), the way agent harnesses stop requerying a model after
     repeated format errors (SWE-agent's requery limit). An untrained checkpoint then costs 2 turns per task instead of
     `max_turns`."""
-    t0 = time.time()
+    t0, start = time.time(), start or Episode.start
     eps, records, checked = [], [None] * len(tasks), {}
     for i, t in enumerate(tasks):
         if t.id not in checked: checked[t.id] = run_hidden_tests(t, t.solutions[0]) if t.solutions else None
         ref = checked[t.id]
         if ref is None or not ref.ok:
             why = "no reference solution" if ref is None else f"hidden tests fail on the reference solution: {(ref.stdout + ref.stderr)[-300:]}"
-            ep = Episode.start(t, tool_timeout); ep.done, ep.finish = True, "env_error"; ep.ws.close()
+            ep = start(t, tool_timeout); ep.done, ep.finish = True, "env_error"; ep.ws.close()
             records[i] = _record(ep, policy.name, False, why, 0.0) | ({"files": None} if keep_files else {})
-        else: eps.append((i, Episode.start(t, tool_timeout)))
+        else: eps.append((i, start(t, tool_timeout)))
     pool = ThreadPoolExecutor(tool_workers) if tool_workers > 1 else None
     each = (lambda f, xs: list(pool.map(f, xs))) if pool else (lambda f, xs: [f(x) for x in xs])   # tools wait on subprocesses: threads overlap them
     try:
@@ -157,7 +158,7 @@ def summarize(records:list[dict],
             out[f"{name}_kinds/tasks"], out[f"{name}_kinds/resolve_rate"] = len(rs), rate(rs)
     return out
 
-# %% ../nbs/lib/10_env.ipynb #4dc311bc
+# %% ../nbs/lib/10_env.ipynb #de93b8ce
 class HFPolicy:
     "A Hugging Face checkpoint acting in the environment (greedy unless `temperature` > 0)."
     def __init__(self, model, tokenizer, name:str="model",
@@ -180,8 +181,9 @@ class HFPolicy:
         return cls(AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path)),
                    name=name or Path(path).name, **kw)
 
-    def prompt(self, messages:list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    def prompt(self, messages:list[dict], tools:list[dict]|None=None) -> str:
+        "The prompt of `messages` with `tools` (default: the world's) listed in the system turn."
+        return self.tok.apply_chat_template(messages, tools=tools or TOOLS, add_generation_prompt=True, tokenize=False)
 
     def generate(self, prompts:list[str]) -> list[str]:
         "Completions of `prompts` (text up to, not including, `<|im_end|>`)."
@@ -203,9 +205,9 @@ class HFPolicy:
 
     def act(self, episodes:list[Episode]) -> list[str]:
         if self.cross_turn_cache: return _act_cached(self, episodes)
-        return self.generate([self.prompt(e.messages) for e in episodes])
+        return self.generate([self.prompt(e.messages, e.ws.tools()) for e in episodes])
 
-# %% ../nbs/lib/10_env.ipynb #985ffe8b
+# %% ../nbs/lib/10_env.ipynb #42defe02
 class _Cohort:
     "Episodes sampled together whose KV cache lives across turns: row i of `cache` and `mask` is `eps[i]`."
     def __init__(self, eps:list[Episode]):
@@ -223,7 +225,7 @@ class _Cohort:
 
 def _glue(pol, e:Episode, seen:int, pending:list[int]) -> list[int]|None:
     "Token ids that follow the policy's last sampled token in `e`, or None when its history is not an extension of what it saw."
-    full, head = pol.prompt(e.messages), pol.tok.apply_chat_template(e.messages[:seen + 1], tools=TOOLS, tokenize=False)
+    full, head = pol.prompt(e.messages, e.ws.tools()), pol.tok.apply_chat_template(e.messages[:seen + 1], tools=e.ws.tools(), tokenize=False)
     if not (full.startswith(head) and head.endswith("<|im_end|>\n")): return None
     end = [] if pending[-1:] == [pol.stop_id] else [pol.stop_id]           # a turn cut at max_new_tokens is closed
     return end + pol.tok(full[len(head) - 1:], add_special_tokens=False)["input_ids"]   # "\n<|im_start|>user ... assistant\n"
@@ -282,7 +284,7 @@ def _act_cached(pol, episodes:list[Episode]) -> list[str]:
     for k in range(0, len(fresh), pol.batch_size):
         c, feed = _Cohort(fresh[k:k + pol.batch_size]), []
         for e in c.eps:
-            ids = pol.tok(pol.prompt(e.messages), add_special_tokens=False)["input_ids"]; feed.append(ids)
+            ids = pol.tok(pol.prompt(e.messages, e.ws.tools()), add_special_tokens=False)["input_ids"]; feed.append(ids)
             if e.turns == 0: e.tokens, e.token_mask = list(ids), [0] * len(ids)
             else: e.tokens = e.token_mask = None       # joined mid-episode: no single stream to train on
         work.append((c, feed))
