@@ -16,7 +16,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
            'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #09bc5b91
+# %% ../nbs/lib/01_config.ipynb #6fdb4706
 class _Section(BaseModel):
     "A `params.yaml` section: unknown keys are errors, values are validated."
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -228,7 +228,7 @@ class RftParams(_Section):
 class EvalParams(_Section):
     "`eval:` the checkpoints × suites matrix."
     checkpoints: list[str] = ["base", "midtrain"]   # model folders under models/ scored by the eval matrix
-    suites: list[Literal["world", "humaneval"]] = ["world", "humaneval"]
+    suites: list[Literal["world", "humaneval", "recovery", "ide"]] = ["world", "humaneval"]
     world_tasks: int = Field(100, ge=1)             # held-out test tasks scored (at most data.world.n_test)
     max_turns: int = Field(8, ge=1)                 # assistant turns per episode
     max_format_errors: Optional[int] = Field(2, ge=1)  # consecutive turns without a well-formed tool call end an episode (None: never)
@@ -237,6 +237,8 @@ class EvalParams(_Section):
     humaneval_problems: Optional[int] = Field(None, ge=1)  # None: all 164
     humaneval_max_new_tokens: int = Field(256, ge=8)
     tool_timeout: float = Field(10.0, gt=0)         # seconds per command / test run in the sandbox
+    ide_budget_chars: int = Field(3000, ge=500)     # ide suite: the harness compacts a context past this many characters
+    ide_max_turns: int = Field(12, ge=1)            # ide suite: assistant turns per episode (twelve tools, mode switches)
 
 class PolicyParams(_Section):
     "How checkpoints generate in evaluation and RFT/RL rollouts (kat_nb.serve): the same prompts and parsing on either engine."

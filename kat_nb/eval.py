@@ -68,14 +68,16 @@ def evaluate_humaneval(policy, limit:int|None=None, timeout:float=10.0) -> tuple
     passed = sum(r["passed"] for r in results)
     return {"problems": len(results), "passed": passed, "pass@1": round(passed / len(results), 4)}, results
 
-# %% ../nbs/lib/11_eval.ipynb #11c22690
+# %% ../nbs/lib/11_eval.ipynb #c4c8604e
 def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
-             suite:str,               # "world" | "humaneval"
+             suite:str,               # "world" | "humaneval" | "recovery" | "ide" (kat_nb.ide)
              models_dir:Path, data_dir:Path,
              world_tasks:int=100, max_turns:int=8, max_new_tokens:int=160, batch_size:int=32,
              humaneval_problems_n:int|None=None, humaneval_max_new_tokens:int=256, tool_timeout:float=10.0,
              max_format_errors:int|None=2, # world: consecutive turns without a well-formed tool call that end an episode
              policy:dict|None=None,   # the `policy:` params section (backend hf | vllm and vLLM's settings); None: hf
+             ide_budget_chars:int=3000, # ide: the harness compacts a context past this many characters
+             ide_max_turns:int=12,    # ide: assistant turns per episode (its tool surface is larger)
             ) -> tuple[dict, list[dict]]:
     "Metrics and per-item records of `checkpoint` on `suite`; the metrics name the isolation the code ran under (`sandbox`)."
     from kat_nb.core import read_jsonl
@@ -90,17 +92,29 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
         engine = dict(policy or {})
         policy = make_policy(path, engine.pop("backend", "hf"), name=checkpoint, batch_size=batch_size,
                              max_new_tokens=max_new_tokens if suite == "world" else humaneval_max_new_tokens, **engine)
-    if suite == "world":
+    if suite in ("world", "recovery", "ide"):
+        from functools import partial
+        from kat_nb.ide import OraclePolicy, ide_start, recovery_start, recovery_variant
         tasks = [Task.from_dict(d) for d in read_jsonl(Path(data_dir)/"world"/"test.jsonl")][:world_tasks]
-        records = run_episodes(tasks, policy, max_turns=max_turns, tool_timeout=tool_timeout, max_format_errors=max_format_errors)
+        if checkpoint == "teacher" and suite != "world": policy = OraclePolicy()   # the scripted teacher never retries: the oracle is the bound
+        start = {"world": None, "recovery": recovery_start, "ide": partial(ide_start, budget_chars=ide_budget_chars)}[suite]
+        records = run_episodes(tasks, policy, max_turns=ide_max_turns if suite == "ide" else max_turns, tool_timeout=tool_timeout,
+                               max_format_errors=max_format_errors, start=start)
         train = Path(data_dir)/"world"/"train.jsonl"          # kinds no training task has: the unseen-family figure
         seen = {d.get("meta", {}).get("bug_kind") for d in read_jsonl(train)} if train.exists() else set()
         unseen = {t.meta.get("bug_kind") for t in tasks} - seen if seen else set()
-        return summarize(records, unseen) | {"sandbox": iso}, records
+        m = summarize(records, unseen)
+        if suite == "recovery":
+            for v in ("edit_fails", "wrong_fix"):
+                rs = [r for r, t in zip(records, tasks) if recovery_variant(t) == v]
+                m[f"variant/{v}/tasks"], m[f"variant/{v}/resolve_rate"] = len(rs), round(sum(r["resolved"] for r in rs) / max(1, len(rs)), 4)
+        if suite == "ide":
+            m["compactions_per_episode"] = round(sum(sum(x.get("type") == "compaction" for x in r.get("trace", [])) for r in records) / max(1, len(records)), 3)
+        return m | {"sandbox": iso}, records
     if suite == "humaneval":
         m, records = evaluate_humaneval("teacher" if checkpoint == "teacher" else policy, humaneval_problems_n, tool_timeout)
         return m | {"sandbox": iso}, records
-    raise ValueError(f"unknown suite {suite!r} (world, humaneval)")
+    raise ValueError(f"unknown suite {suite!r} (world, humaneval, recovery, ide)")
 
 # %% ../nbs/lib/11_eval.ipynb #7d61319f
 CURRICULUM = ("base", "midtrain", "sft", "rft", "r2d", "rl")
