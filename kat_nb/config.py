@@ -13,10 +13,11 @@ from .core import repo_root, from_root
 
 # %% auto #0
 __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParams', 'HFSource', 'DataParams', 'TokenizerParams',
-           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'EvalParams', 'PolicyParams',
-           'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params', 'stage_parameters', 'stage_dirs']
+           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'R2dParams', 'EvalParams',
+           'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params',
+           'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #6fdb4706
+# %% ../nbs/lib/01_config.ipynb #1cf8da52
 class _Section(BaseModel):
     "A `params.yaml` section: unknown keys are errors, values are validated."
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -225,6 +226,35 @@ class RftParams(_Section):
             raise ValueError(f"reward_weights needs tests, format and reference (got {sorted(self.reward_weights)})")
         return self
 
+class R2dParams(MidtrainParams):
+    "Stage 4, R2D (kat_nb.r2d): error-masked SFT with tree-structured trajectory training on deployment-like traces."
+    input: Literal["sft", "rft"] = "sft"          # the checkpoint it adapts (the paper: the RFT model; sft while RFT does not beat SFT)
+    teacher_ide: int = Field(64, ge=0)            # teacher traces in the IDE harness, with mistakes and recoveries
+    recovery: int = Field(64, ge=0)               # teacher recoveries in the world harness (stale first edit / wrong first fix)
+    model_tasks: int = Field(32, ge=0)            # episodes of the input checkpoint in the IDE harness (resolved ones are kept)
+    replay: int = Field(256, ge=0)                # world teacher trajectories (SFT data) mixed in
+    valid_rows: int = Field(32, ge=1)             # held-out rows (validation loss)
+    budget_chars: int = Field(2500, ge=500)       # the IDE harness compacts past this
+    keep_last: int = Field(2, ge=0)               # messages a compaction keeps after its summary
+    max_turns: int = Field(12, ge=1)              # model episodes: assistant turns
+    max_new_tokens: int = Field(128, ge=8)
+    tool_timeout: float = Field(10.0, gt=0)
+    workers: int = Field(2, ge=1)                 # threads building teacher traces (each call runs in the sandbox)
+    error_mask: bool = True                       # no loss on erroneous calls (the ablation: false)
+    tree: bool = True                             # TST: one row per subtree segment (the ablation: false, the raw log as one row)
+    redundant: bool = False                       # also mask a call that repeats the previous one with the same result
+    max_steps: int = Field(200, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    global_batch_size: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(1024, ge=16)
+    tree_packing: bool = True
+    tree_row_tokens: int = Field(1024, ge=16)
+    eval_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1)
+    eval_samples: int = Field(16, ge=1)
+
 class EvalParams(_Section):
     "`eval:` the checkpoints × suites matrix."
     checkpoints: list[str] = ["base", "midtrain"]   # model folders under models/ scored by the eval matrix
@@ -256,6 +286,7 @@ class Params(_Section):
     midtrain: MidtrainParams = MidtrainParams()
     sft: SftParams = SftParams()
     rft: RftParams = RftParams()
+    r2d: R2dParams = R2dParams()
     eval: EvalParams = EvalParams()
     policy: PolicyParams = PolicyParams()
 
@@ -332,13 +363,14 @@ def load_params(path:str|Path="params.yaml", # the params file (relative to the 
     merged.setdefault("base", {})["profile"] = name
     return validate_params(merged, f"{ppath.relative_to(root) if ppath.is_relative_to(root) else ppath} over {path.name}")
 
-# %% ../nbs/lib/01_config.ipynb #7b224df6
+# %% ../nbs/lib/01_config.ipynb #5f995807
 STAGES = {  # stage -> (its own section, other sections it reads); the order is the curriculum's
     "data": ("data", ()),
     "tokenizer": ("tokenizer", ("model",)),
     "midtrain": ("midtrain", ("model",)),
     "sft": ("sft", ("model",)),
     "rft": ("rft", ("policy",)),
+    "r2d": ("r2d", ("model",)),
     "eval": ("eval", ("model", "policy")),
     "report": ("eval", ()),
 }

@@ -68,9 +68,9 @@ def check_parameters(nb_path:Path|str, expected:dict) -> dict:
     if problems: raise StageNotebookError(f"{nb_path}: parameters cell: " + "; ".join(problems))
     return {k: v["default"] for k, v in found.items()}
 
-# %% ../nbs/lib/07_pipeline.ipynb #69397dac
+# %% ../nbs/lib/07_pipeline.ipynb #84c4839b
 log = logging.getLogger("kat_nb")
-SANDBOXED_STAGES = ("data", "sft", "rft", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
+SANDBOXED_STAGES = ("data", "sft", "rft", "r2d", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
 RANK_DIR = "build/ranks"
 SHARED_DIRS = ("data", "models")   # what every process of a multi-process run reads and trains into
 
