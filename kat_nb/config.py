@@ -17,7 +17,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params',
            'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #1cf8da52
+# %% ../nbs/lib/01_config.ipynb #8b275fca
 class _Section(BaseModel):
     "A `params.yaml` section: unknown keys are errors, values are validated."
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -233,6 +233,7 @@ class R2dParams(MidtrainParams):
     recovery: int = Field(64, ge=0)               # teacher recoveries in the world harness (stale first edit / wrong first fix)
     model_tasks: int = Field(32, ge=0)            # episodes of the input checkpoint in the IDE harness (resolved ones are kept)
     replay: int = Field(256, ge=0)                # world teacher trajectories (SFT data) mixed in
+    extra_traces: Optional[str] = None            # a JSONL of real deployment traces (IDE trace format) added to the generated ones
     valid_rows: int = Field(32, ge=1)             # held-out rows (validation loss)
     budget_chars: int = Field(2500, ge=500)       # the IDE harness compacts past this
     keep_last: int = Field(2, ge=0)               # messages a compaction keeps after its summary
