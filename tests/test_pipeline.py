@@ -34,6 +34,8 @@ def copy_repo(dst: Path, profile: str = "smoke") -> Path:
             (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(src, dst/f)
     for d in ("models", "runs", "dvclive", "build"): shutil.rmtree(dst/d, ignore_errors=True)
     params = yaml.safe_load((dst/"params.yaml").read_text()); params["base"]["profile"] = profile
+    # the eval matrix on the checkpoints that act (base and midtrain score 0 on every suite): 4 suites x 3 + the teacher
+    params["eval"]["checkpoints"] = [c for c in params["eval"]["checkpoints"] if c not in ("base", "midtrain")]
     (dst/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
@@ -77,7 +79,8 @@ def smoke_repo(tmp_path_factory):
 @pytest.mark.xdist_group("pipeline")
 def test_repro_then_nothing_then_only_dependents(smoke_repo):
     r = _sh(["dvc", "repro"], smoke_repo)
-    for stage in ("data", "tokenizer", "midtrain", "sft", "rft", "eval@sft-world", "eval@rft-world", "report"):
+    for stage in ("data", "tokenizer", "midtrain", "sft", "rft", "r2d", "eval@sft-world", "eval@rft-world", "eval@r2d-recovery",
+                  "eval@r2d-ide", "baseline@recovery", "report"):
         assert f"Running stage '{stage}'" in r.stdout, r.stdout
     m = json.loads((smoke_repo/"metrics"/"midtrain.json").read_text())
     assert m["val_loss_end"] < m["val_loss_start"], m
@@ -94,11 +97,16 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     assert rft["rft_steps"] == 2 and rft["rollouts_this_run"] == 8 and rft["references"]["references_min"] >= 4, rft
     assert "rft" in json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_resolve_rate"]
     assert (smoke_repo/"dvclive"/"rft"/"metrics.json").exists() and (smoke_repo/"data"/"rft"/"references.jsonl").exists()
+    r2d = json.loads((smoke_repo/"metrics"/"r2d.json").read_text())                # R2D from the SFT checkpoint, on deployment-like traces
+    assert r2d["train_steps"] == 4 and r2d["card"]["teacher_ide"]["traces"] == 4 and r2d["card"]["recovery"]["resolved_share"] == 1.0, r2d
+    assert (smoke_repo/"data"/"r2d"/"traces.jsonl").exists() and "r2d" in json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_resolve_rate"]
+    rec = json.loads((smoke_repo/"metrics"/"teacher"/"recovery.json").read_text())
+    assert rec["resolve_rate"] == 1.0 and rec["variant/edit_fails/tasks"] + rec["variant/wrong_fix/tasks"] == rec["tasks"], rec
     # every stage that executes code records the isolation it ran under, and so does every evaluation's metrics
     want = "rlimits" if os.environ.get("KAT_NB_SANDBOX") == "rlimits" else "bwrap"
     for rec in ("data.run.json", "sft.run.json", "rft.run.json", "sft/world.run.json", "teacher/humaneval.run.json"):
         assert json.loads((smoke_repo/"metrics"/rec).read_text())["sandbox"]["backend"] == want, rec
-    for m in ("sft/world.json", "teacher/world.json", "base/humaneval.json"):
+    for m in ("sft/world.json", "teacher/world.json", "sft/humaneval.json", "r2d/recovery.json"):
         assert json.loads((smoke_repo/"metrics"/m).read_text())["sandbox"]["backend"] == want, m
     assert json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())["sandbox"] == {"backend": want, "executes_code": False}
 
@@ -107,7 +115,7 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
 
     _sh(["git", "add", "-A"], smoke_repo); _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock"], smoke_repo)
     r3 = _sh(["dvc", "exp", "run", "-S", "midtrain.learning_rate=0.002"], smoke_repo)
-    for stage in ("midtrain", "sft", "rft"): assert f"Running stage '{stage}'" in r3.stdout, r3.stdout   # and its dependents
+    for stage in ("midtrain", "sft", "rft", "r2d"): assert f"Running stage '{stage}'" in r3.stdout, r3.stdout   # and its dependents
     for stage in ("data", "tokenizer"): assert f"Running stage '{stage}'" not in r3.stdout, r3.stdout
 
 
