@@ -9,6 +9,8 @@ closure of each stage notebook.
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, yaml
+from kat_nb.config import MATRIX, STAGES, load_params, stage_parameters
+from kat_nb.pipeline import check_parameters, stage_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -243,3 +245,10 @@ def test_stage_notebook_without_parameters_tag_is_refused(tmp_path):
     r = _sh([str(BIN/"kat-nb"), "run", "data"], repo, check=False)
     assert r.returncode == 2 and "exactly one cell tagged 'parameters'" in r.stderr, r.stderr
     assert not (repo/"data"/"world").exists()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_notebook_takes_exactly_its_parameters(stage):
+    "A key added to a params section must reach every stage notebook that reads the section (the report reads `eval:`)."
+    params = load_params(ROOT/"params.yaml")
+    check_parameters(stage_notebook(stage, ROOT), stage_parameters(stage, params, cell={k: "x" for k in MATRIX.get(stage, ())}))
