@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 # %% auto #0
 __all__ = ['IDE_TOOLS', 'IDE_TOOL_NAMES', 'LINTER', 'IDE_MODES', 'IDE_SYSTEM', 'ERROR_KINDS', 'MISTAKES', 'RECOVERY_VARIANTS',
            'IdeWorkspace', 'summarize_work', 'IdeEpisode', 'detect_errors', 'error_mask', 'ide_teacher_trace',
-           'tst_segments', 'recovery_variant', 'StaleEditWorkspace', 'wrong_fix', 'recovery_start', 'ide_start',
-           'OraclePolicy']
+           'recovery_variant', 'StaleEditWorkspace', 'wrong_fix', 'recovery_start', 'ide_start', 'OraclePolicy']
 
 # %% ../nbs/lib/18_ide.ipynb #4a2b92af
 _WORLD = {t["function"]["name"]: t for t in TOOLS}
@@ -274,21 +273,6 @@ def ide_teacher_trace(task:Task, rng:random.Random, mistakes:tuple=MISTAKES, bud
     finally: ep.ws.close()
     return {"task_id": task.id, "messages": ep.trace, "steps": ep.steps, "resolved": resolved,
             "compactions": sum(x.get("type") == "compaction" for x in ep.trace), "modes": [x["mode"] for x in ep.trace if x.get("type") == "mode"]}
-
-# %% ../nbs/lib/18_ide.ipynb #6af10955
-def tst_segments(trace:list[dict]) -> list[dict]:
-    "Segments `{messages, context}` of an IDE trace, cut at its `event` messages (compaction, with its kept turns; mode switch)."
-    segs, cur, ctx = [], [], 0
-    for m in trace:
-        if m.get("role") != "event": cur.append(m); continue
-        if len(cur) > ctx: segs.append({"messages": cur, "context": ctx})
-        if m["type"] == "compaction":
-            cur = cur[:2] + [{"role": "user", "kind": "memory", "content": m["summary"]}] + (cur[len(cur) - m.get("keep", 0):] if m.get("keep") else [])
-        elif m["type"] == "mode": cur = [{"role": "system", "content": m["system"]}] + cur[1:]
-        else: raise ValueError(f"unknown event type {m['type']!r} (expected compaction or mode)")
-        ctx = len(cur)
-    if len(cur) > ctx: segs.append({"messages": cur, "context": ctx})
-    return segs
 
 # %% ../nbs/lib/18_ide.ipynb #1f844cb1
 RECOVERY_VARIANTS = ("edit_fails", "wrong_fix")

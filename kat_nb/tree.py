@@ -700,15 +700,16 @@ def branching_traces(n:int=2, # trace groups (tasks)
         out.append({"task_id": t["id"], "source": source, "routes": {k: _run_route(t, s, system) for k, s in _routes(t, rng).items()}})
     return out
 
-# %% ../nbs/lib/12_tree.ipynb #85bc79f3
+# %% ../nbs/lib/12_tree.ipynb #bd6c5a42
 def split_trace(messages:list[dict]) -> list[dict]:
-    "Segments `{messages, context}` of a trace cut at `event` messages (compaction, mode switch)."
+    "Segments `{messages, context}` of a trace cut at `event` messages (compaction, with the turns it `keep`s; mode switch)."
     segs, cur, ctx = [], [], 0
     for m in messages:
         if m.get("role") != "event": cur.append(m); continue
         if len(cur) > ctx: segs.append({"messages": cur, "context": ctx})
         if m["type"] == "compaction":
-            cur = cur[:2] + [{"role": "user", "kind": "memory", "content": m["summary"]}]
+            kept = cur[len(cur) - m["keep"]:] if m.get("keep") else []      # the last turns the harness kept after its summary
+            cur = cur[:2] + [{"role": "user", "kind": "memory", "content": m["summary"]}] + kept
         elif m["type"] == "mode": cur = [{"role": "system", "content": m["system"]}] + cur[1:]
         else: raise ValueError(f"unknown event type {m['type']!r} (expected compaction or mode)")
         ctx = len(cur)
