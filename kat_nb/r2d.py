@@ -15,34 +15,43 @@ from .tasks import Task, run_hidden_tests
 from .tools import TOOLS
 
 # %% auto #0
-__all__ = ['recovery_trace', 'trace_rows', 'deployment_traces', 'r2d_card', 'r2d_rows', 'check_trace', 'load_traces', 'run_r2d']
+__all__ = ['revert_edit', 'recovery_trace', 'trace_rows', 'deployment_traces', 'r2d_card', 'r2d_rows', 'check_trace',
+           'load_traces', 'run_r2d']
 
-# %% ../nbs/lib/19_r2d.ipynb #63c8f9df
+# %% ../nbs/lib/19_r2d.ipynb #19eb9132
 def _say(text:str, name:str, args:dict|None=None) -> str:
     return assistant_text({"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args or {}}}]})
 
+def revert_edit(bad:dict) -> dict:
+    "The `edit` that undoes `bad` (a line-scoped edit of whole stripped lines): only the tokens that changed when they are unique on the line."
+    import re
+    now, was = bad["new"], bad["old"]
+    a, b = re.findall(r"\w+|\s+|[^\w\s]+", now), re.findall(r"\w+|\s+|[^\w\s]+", was)
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]: p += 1
+    q = 0
+    while q < min(len(a), len(b)) - p and a[-1 - q] == b[-1 - q]: q += 1
+    old, new = "".join(a[p:len(a) - q]), "".join(b[p:len(b) - q])
+    if old.strip() and now.count(old) == 1: return {"path": bad["path"], "line": bad["line"], "old": old, "new": new}
+    return {"path": bad["path"], "line": bad["line"], "old": now, "new": was}
+
 def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
-    "The teacher recovering on `task` in the situation `recovery_start` makes for it: {task_id, variant, messages, resolved}."
-    from kat_nb.teacher import _reason
+    "The teacher recovering on `task` in the situation `recovery_start` makes for it: {task_id, variant, messages, resolved, tools}."
+    from kat_nb.teacher import _reason, _script, teacher_edit
     m = task.meta; mod = m["module"]; variant = recovery_variant(task) if wrong_fix(task) else "edit_fails"
     ep = recovery_start(task, tool_timeout)
     try:
         for x in ep.messages[2:]:
             if x["role"] == "assistant": x["loss"] = False                      # the scripted wrong attempt: context only
-        fix = dict(m["edit"])
-        if variant == "edit_fails":
-            script = [_say(f"Plan: read {mod}, reproduce the failure, fix {m['func_name']}, rerun the tests.", "view_file", {"path": mod}),
-                      _say("Reflection: now reproduce the failure.", "run_tests"), _say(_reason(task), "edit", fix),
-                      _say(f"Reflection: {mod} changed on disk; view it again before editing.", "view_file", {"path": mod}),
-                      _say("Reflection: the line is as before; apply the fix again.", "edit", fix)]
-        else:
-            bad = wrong_fix(task)
-            script = [_say(f"Reflection: the tests still fail, so line {bad['line']} was not the bug; revert that edit.", "edit",
-                           {"path": bad["path"], "line": bad["line"], "old": bad["new"], "new": bad["old"]}),
-                      _say(_reason(task), "edit", fix)]
-        script += [_say("Reflection: rerun the tests.", "run_tests"), _say("Reflection: the tests pass; submit.", "submit")]
-        for text in script:
-            ep.step(text, max_turns=10**6)
+        world = _script(task, "read_first", random.Random(f"teacher:{task.id}:0"), teacher_edit(task))   # view, test, edit, rerun, submit
+        if variant == "edit_fails":       # after the stale edit: view it again, then the world teacher's own turns from the test run on
+            script = world[:3] + [(f"Reflection: {mod} changed on disk; view it again.", "view_file", {"path": mod})] + world[1:]
+        else:                             # revert, then the world teacher's turns from the test run on (it fails as at the start)
+            bad = wrong_fix(task); rev = revert_edit(bad)
+            script = [(f"Reflection: the tests still fail, so line {bad['line']} was not the bug; revert `{rev['old']}` to `{rev['new']}`.",
+                       "edit", rev)] + world[1:]
+        for text, name, args in script:
+            ep.step(_say(text, name, args), max_turns=10**6)
             if ep.done: break
         resolved = bool(ep.finish == "submit" and run_hidden_tests(task, ep.ws.files()).ok)
         return {"task_id": task.id, "variant": variant, "messages": ep.messages, "resolved": resolved, "harness": "world", "tools": ep.ws.tools()}

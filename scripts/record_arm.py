@@ -5,6 +5,7 @@ run wrote (`metrics/<stage>.json`, `metrics/<stage>/world.json`, `params.yaml`) 
 `metrics/ablations/<table>.json` (keyed by arm and seed), with the binomial standard error of each resolve rate.
 
     python scripts/record_arm.py --table rft_references --arm multi --stage rft
+    python scripts/record_arm.py --table r2d_ablations --arm mask+tree --stage r2d --suites world,recovery
 """
 import argparse, json, math
 from pathlib import Path
@@ -17,16 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def se(p, n): return round(math.sqrt(p * (1 - p) / n), 4) if n else None
 
 
-def row(stage: str, arm: str) -> dict:
+def row(stage: str, arm: str, suites: tuple = ("world",)) -> dict:
     params = yaml.safe_load((ROOT/"params.yaml").read_text())
-    world = json.loads((ROOT/"metrics"/stage/"world.json").read_text())
     run = json.loads((ROOT/"metrics"/f"{stage}.json").read_text()) if (ROOT/"metrics"/f"{stage}.json").exists() else {}
     out = {"arm": arm, "seed": params["base"]["seed"], "stage": stage, "params": params.get(stage, {})}
-    for key, n in (("resolve_rate", world["tasks"] - world["env_errors"]), ("seen_kinds/resolve_rate", world.get("seen_kinds/tasks")),
-                   ("unseen_kinds/resolve_rate", world.get("unseen_kinds/tasks"))):
-        if world.get(key) is not None: out[key], out[key.replace("resolve_rate", "se")] = world[key], se(world[key], n)
+    for suite in suites:       # world's keys unprefixed (the RFT tables), other suites' as `<suite>/...`
+        m, pre = json.loads((ROOT/"metrics"/stage/f"{suite}.json").read_text()), "" if suite == "world" else f"{suite}/"
+        for key, n in (("resolve_rate", m["tasks"] - m["env_errors"]), ("seen_kinds/resolve_rate", m.get("seen_kinds/tasks")),
+                       ("unseen_kinds/resolve_rate", m.get("unseen_kinds/tasks"))):
+            if m.get(key) is not None: out[pre + key], out[pre + key.replace("resolve_rate", "se")] = m[key], se(m[key], n)
+        out[pre + "tool_error_rate"] = m.get("tool_error_rate")
+        out.update({pre + k: v for k, v in m.items() if k.startswith("variant/")})
+    if "card" in run: out["masked_share"], out["rows"] = run["card"].get("masked_share"), run["card"].get("rows")
     for k in ("rft_steps", "rollouts_this_run", "stopped_this_run", "corrected_this_run", "generated_tokens_this_run", "saved_share",
-              "reward_first", "reward_last", "seconds", "rollout_seconds", "update_seconds"):
+              "reward_first", "reward_last", "train_steps", "epochs", "seconds", "rollout_seconds", "update_seconds"):
         if k in run: out[k] = run[k]
     if run.get("rollouts_this_run"):
         out["early_stop_rate"] = round(run.get("stopped_this_run", 0) / run["rollouts_this_run"], 4)
@@ -39,10 +44,11 @@ def row(stage: str, arm: str) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", required=True); ap.add_argument("--arm", required=True); ap.add_argument("--stage", default="rft")
+    ap.add_argument("--suites", default="world", help="comma-separated eval suites of the stage's checkpoint to record (world first)")
     a = ap.parse_args()
     path = ROOT/"metrics"/"ablations"/f"{a.table}.json"
     table = json.loads(path.read_text()) if path.exists() else {"table": a.table, "rows": []}
-    r = row(a.stage, a.arm)
+    r = row(a.stage, a.arm, tuple(a.suites.split(",")))
     table["rows"] = [x for x in table["rows"] if (x["arm"], x["seed"]) != (r["arm"], r["seed"])] + [r]
     path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(table, indent=2) + "\n")
     print(json.dumps({k: v for k, v in r.items() if k != "params"}))
