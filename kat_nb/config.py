@@ -231,6 +231,7 @@ class R2dParams(MidtrainParams):
     input: Literal["sft", "rft"] = "sft"          # the checkpoint it adapts (the paper: the RFT model; sft while RFT does not beat SFT)
     teacher_ide: int = Field(64, ge=0)            # teacher traces in the IDE harness, with mistakes and recoveries
     recovery: int = Field(64, ge=0)               # teacher recoveries in the world harness (stale first edit / wrong first fix)
+    recovery_cases: list[Literal["edit_fails", "wrong_fix"]] = Field(["edit_fails", "wrong_fix"], min_length=1)  # which of them
     model_tasks: int = Field(32, ge=0)            # episodes of the input checkpoint in the IDE harness (resolved ones are kept)
     replay: int = Field(256, ge=0)                # world teacher trajectories (SFT data) mixed in
     extra_traces: Optional[str] = None            # a JSONL of real deployment traces (IDE trace format) added to the generated ones

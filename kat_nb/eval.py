@@ -91,7 +91,9 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
         from kat_nb.serve import make_policy
         engine = dict(policy or {})
         policy = make_policy(path, engine.pop("backend", "hf"), name=checkpoint, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens if suite == "world" else humaneval_max_new_tokens, **engine)
+                             max_new_tokens=humaneval_max_new_tokens if suite == "humaneval" else max_new_tokens, **engine)
+        # agent suites (world, recovery, ide) share the turn budget: recovery and ide once had humaneval's 256, which
+        # changed no outcome (teacher turns are under ~100 tokens) and doubled the time of every degenerate turn
     if suite in ("world", "recovery", "ide"):
         from functools import partial
         from kat_nb.ide import OraclePolicy, ide_start, recovery_start, recovery_variant

@@ -278,9 +278,10 @@ def ide_teacher_trace(task:Task, rng:random.Random, mistakes:tuple=MISTAKES, bud
 RECOVERY_VARIANTS = ("edit_fails", "wrong_fix")
 
 def recovery_variant(task:Task) -> str:
-    "Which recovery case a task gets: a stable half of the tasks each."
+    "Which recovery case a task gets: a stable half of the tasks each (`edit_fails` where no wrong fix applies)."
     import hashlib
-    return RECOVERY_VARIANTS[int(hashlib.sha1(task.id.encode()).hexdigest(), 16) % 2]
+    v = RECOVERY_VARIANTS[int(hashlib.sha1(task.id.encode()).hexdigest(), 16) % 2]
+    return "edit_fails" if v == "wrong_fix" and wrong_fix(task) is None else v
 
 class StaleEditWorkspace(Workspace):
     "The world's workspace, except that its first `edit` fails the way an editor with a stale buffer does."
@@ -305,12 +306,11 @@ def wrong_fix(task:Task) -> dict|None:
 def recovery_start(task:Task, tool_timeout:float=10.0) -> Episode:
     "An episode of the `recovery` suite: the world harness with a stale first edit, or a scripted wrong first fix already made."
     from kat_nb.world import SYSTEM_PROMPT
-    variant, bad = recovery_variant(task), wrong_fix(task)
     msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.issue}]
-    if variant == "edit_fails" or bad is None:
+    if recovery_variant(task) == "edit_fails":
         return Episode(task, msgs, StaleEditWorkspace(task.files, timeout=tool_timeout))
     ep = Episode(task, msgs, Workspace.from_task(task, timeout=tool_timeout))
-    mod = task.meta["module"]
+    mod, bad = task.meta["module"], wrong_fix(task)
     def say(text, name, args=None): return assistant_text({"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args or {}}}]})
     for text in [say(f"Plan: read {mod}, reproduce the failure, fix it, rerun the tests.", "view_file", {"path": mod}),
                  say("Reflection: now reproduce the failure.", "run_tests"),

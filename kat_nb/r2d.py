@@ -4,12 +4,12 @@
 
 # %% ../nbs/lib/19_r2d.ipynb #3aa3b308
 from __future__ import annotations
-import functools, json, random, re
+import functools, json, random
 from collections import Counter
 from pathlib import Path
 from .env import Episode, assistant_text
-from .ide import (IDE_TOOLS, IdeEpisode, detect_errors, error_mask, ide_teacher_trace, recovery_start, recovery_variant,
-                        wrong_fix)
+from .ide import (IDE_TOOLS, RECOVERY_VARIANTS, IdeEpisode, detect_errors, error_mask, ide_teacher_trace, recovery_start,
+                        recovery_variant, wrong_fix)
 from .tree import split_trace
 from .tasks import Task, run_hidden_tests
 from .tools import TOOLS
@@ -22,24 +22,14 @@ __all__ = ['revert_edit', 'recovery_trace', 'trace_rows', 'deployment_traces', '
 def _say(text:str, name:str, args:dict|None=None) -> str:
     return assistant_text({"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args or {}}}]})
 
-_TOKEN = re.compile(r"\w+|\s+|[^\w\s]+")
-
 def revert_edit(bad:dict) -> dict:
-    "The `edit` that undoes `bad` (a line-scoped edit of whole stripped lines): only the tokens that changed when they are unique on the line."
-    now, was = bad["new"], bad["old"]
-    a, b = _TOKEN.findall(now), _TOKEN.findall(was)
-    p = 0
-    while p < min(len(a), len(b)) and a[p] == b[p]: p += 1
-    q = 0
-    while q < min(len(a), len(b)) - p and a[-1 - q] == b[-1 - q]: q += 1
-    old, new = "".join(a[p:len(a) - q]), "".join(b[p:len(b) - q])
-    if old.strip() and now.count(old) == 1: return {"path": bad["path"], "line": bad["line"], "old": old, "new": new}
-    return {"path": bad["path"], "line": bad["line"], "old": now, "new": was}
+    "The `edit` that undoes `bad`: the same path and line with `old` and `new` swapped (a copy of the call in context)."
+    return {"path": bad["path"], **({"line": bad["line"]} if "line" in bad else {}), "old": bad["new"], "new": bad["old"]}
 
 def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
     "The teacher recovering on `task` in the situation `recovery_start` makes for it: {task_id, variant, messages, resolved, tools}."
     from kat_nb.teacher import _reason, _script, teacher_edit
-    m = task.meta; mod = m["module"]; bad = wrong_fix(task); variant = recovery_variant(task) if bad else "edit_fails"
+    m = task.meta; mod = m["module"]; variant = recovery_variant(task)
     ep = recovery_start(task, tool_timeout)
     try:
         for x in ep.messages[2:]:
@@ -48,9 +38,8 @@ def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
         if variant == "edit_fails":       # after the stale edit: view it again, then the world teacher's own turns from the test run on
             script = world[:3] + [(f"Reflection: {mod} changed on disk; view it again.", "view_file", {"path": mod})] + world[1:]
         else:                             # revert, then the world teacher's turns from the test run on (it fails as at the start)
-            rev = revert_edit(bad)
-            script = [(f"Reflection: the tests still fail, so line {bad['line']} was not the bug; revert `{rev['old']}` to `{rev['new']}`.",
-                       "edit", rev)] + world[1:]
+            bad = wrong_fix(task); rev = revert_edit(bad)
+            script = [(f"Reflection: the tests still fail, so my edit of line {bad['line']} was wrong; undo it.", "edit", rev)] + world[1:]
         for text, name, args in script:
             ep.step(_say(text, name, args), max_turns=10**6)
             if ep.done: break
@@ -87,15 +76,23 @@ def trace_rows(rec:dict, mask:bool=True, tree:bool=True, redundant:bool=False) -
 # %% ../nbs/lib/19_r2d.ipynb #fd52865d
 def deployment_traces(tasks:list[Task], seed:int=0, teacher_ide:int=64, recovery:int=64, model_dir:str|Path|None=None,
                       model_tasks:int=0, budget_chars:int=2500, keep_last:int=2, max_turns:int=12, max_new_tokens:int=128,
-                      tool_timeout:float=10.0, workers:int=2, echo=None) -> list[dict]:
+                      tool_timeout:float=10.0, workers:int=2, echo=None,
+                      recovery_cases:tuple|list=RECOVERY_VARIANTS, # which `recovery` situations the teacher recovers from
+                     ) -> list[dict]:
     "Trace records (`task_id`, `source`, `messages`, `resolved`, ...) over distinct train `tasks`, in that order of sources."
     from concurrent.futures import ThreadPoolExecutor
     from kat_nb.ide import MISTAKES
-    need = teacher_ide + recovery + model_tasks
-    if need > len(tasks): raise ValueError(f"r2d needs {need} train tasks (teacher_ide + recovery + model_tasks), the world has {len(tasks)}")
+    if unknown := set(recovery_cases) - set(RECOVERY_VARIANTS):
+        raise ValueError(f"r2d.recovery_cases: {sorted(unknown)} not among {list(RECOVERY_VARIANTS)}")
     rng = random.Random(f"r2d:{seed}")
     plans = [tuple(m for m in MISTAKES if rng.random() < 0.5) if rng.random() > 0.25 else () for _ in range(teacher_ide)]
-    ide_tasks, rec_tasks, model_pool = tasks[:teacher_ide], tasks[teacher_ide:teacher_ide + recovery], tasks[teacher_ide + recovery:need]
+    ide_tasks, rest = tasks[:teacher_ide], tasks[teacher_ide:]
+    rec_tasks = [t for t in rest if recovery_variant(t) in recovery_cases][:recovery] if recovery else []
+    taken = {t.id for t in rec_tasks}
+    model_pool = [t for t in rest if t.id not in taken][:model_tasks]
+    if len(ide_tasks) < teacher_ide or len(rec_tasks) < recovery or len(model_pool) < model_tasks:
+        raise ValueError(f"r2d needs {teacher_ide} + {recovery} ({'/'.join(recovery_cases)}) + {model_tasks} distinct train tasks "
+                         f"(teacher_ide + recovery + model_tasks), the world has {len(tasks)}")
     def _ide(a):
         t, plan = a
         return {**ide_teacher_trace(t, random.Random(f"{seed}:{t.id}"), mistakes=plan, budget_chars=budget_chars, keep_last=keep_last),

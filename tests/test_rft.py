@@ -2,7 +2,7 @@
 hand-computed group, early termination and correction of drifting rollouts, the loss masks of spliced turns, and a
 killed `dvc repro rft` that resumes from its last checkpoint."""
 import json, math
-import pytest, yaml
+import pytest
 
 from kat_nb.env import Episode, TeacherPolicy, assistant_text, run_episodes
 from kat_nb.model import train_tokenizer, row_text
@@ -141,14 +141,9 @@ def test_correction_splices_reference_turns_with_no_loss(world, tok):
 # --- the stage: kill -9, then dvc repro resumes ------------------------------------------------------------------
 
 @pytest.mark.xdist_group("pipeline")
-def test_killed_rft_resumes_from_its_last_checkpoint(tmp_path):
-    from test_pipeline import copy_repo, kill_after_first_checkpoint, _sh
-    repo = copy_repo(tmp_path/"repo")
-    prof = repo/"configs"/"profiles"/"smoke.yaml"
-    p = yaml.safe_load(prof.read_text())
-    p["rft"].update(steps=12, save_every=1)
-    prof.write_text(yaml.safe_dump(p))
-    _sh(["dvc", "repro", "sft"], repo)
+def test_killed_rft_resumes_from_its_last_checkpoint(sft_repo, tmp_path):
+    from test_pipeline import kill_after_first_checkpoint, _sh
+    repo = sft_repo                                           # smoke profile, rft.steps 12, a checkpoint every step
     saved = kill_after_first_checkpoint(["dvc", "repro", "rft"], repo, repo/"models"/"rft"/"checkpoints", tmp_path/"killed.log")
     r = _sh(["dvc", "repro", "rft"], repo)
     out = r.stdout + r.stderr
