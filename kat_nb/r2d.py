@@ -4,7 +4,7 @@
 
 # %% ../nbs/lib/19_r2d.ipynb #3aa3b308
 from __future__ import annotations
-import functools, json, random
+import functools, itertools, json, random
 from collections import Counter
 from pathlib import Path
 from .env import Episode, assistant_text
@@ -87,7 +87,7 @@ def deployment_traces(tasks:list[Task], seed:int=0, teacher_ide:int=64, recovery
     rng = random.Random(f"r2d:{seed}")
     plans = [tuple(m for m in MISTAKES if rng.random() < 0.5) if rng.random() > 0.25 else () for _ in range(teacher_ide)]
     ide_tasks, rest = tasks[:teacher_ide], tasks[teacher_ide:]
-    rec_tasks = [t for t in rest if recovery_variant(t) in recovery_cases][:recovery] if recovery else []
+    rec_tasks = list(itertools.islice((t for t in rest if recovery_variant(t) in recovery_cases), recovery))   # the first that fit
     taken = {t.id for t in rec_tasks}
     model_pool = [t for t in rest if t.id not in taken][:model_tasks]
     if len(ide_tasks) < teacher_ide or len(rec_tasks) < recovery or len(model_pool) < model_tasks:
