@@ -238,19 +238,25 @@ def error_mask(trace:list[dict], redundant:bool=False) -> list[dict]:
 MISTAKES = ("wrong_path", "bad_edit", "break_tests", "repeat", "bad_args")
 
 def ide_teacher_trace(task:Task, rng:random.Random, mistakes:tuple=MISTAKES, budget_chars:int=2500, keep_last:int=2) -> dict:
-    "A teacher episode in the IDE harness with `mistakes` and their recoveries: {task_id, messages (the trace), resolved, steps}."
-    from kat_nb.teacher import teacher_mistake
+    """A teacher episode in the IDE harness with `mistakes` and their recoveries: {task_id, messages (the trace), resolved, steps}.
+    Where the world teacher (`kat_nb.teacher`) would act, this one acts the same (its plan and first `view_file`, its
+    line-scoped fix edit); the IDE's own tools come where only the IDE harness leads (a path not found → `list_dir`,
+    a reproduced failure → `todo`, passing tests → `lint`, `diff`). The first traces opened with `todo` and fixed
+    with whole-line edits, and the R2D model carried both into the world harness: `todo` calls with a `path`,
+    malformed edits 12 → 57 and world resolve 43% → 36% on seed 0 (README: R2D)."""
+    from kat_nb.teacher import _PLANS, _reason, teacher_edit, teacher_mistake
     from kat_nb.tasks import run_hidden_tests
     m = task.meta; mod, f = m["module"], m["func_name"]
     def say(text, name, args=None): return {"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args or {}}}]}
-    script = [say(f"Plan: read {mod}, reproduce the failure, fix {f}, verify.", "todo", {"add": f"fix {f} in {mod}"}),
-              say("Reflection: see what the repository holds.", "list_dir")]
+    plan = rng.choice(_PLANS).format(m=mod, f=f)
     if "wrong_path" in mistakes:
-        script += [say(f"Reflection: open the module.", "view_file", {"path": "src/" + mod}),
-                   say(f"Reflection: there is no src/ folder; {mod} is at the top.", "view_file", {"path": mod})]
-    else: script.append(say(f"Reflection: open {mod}.", "view_file", {"path": mod}))
+        script = [say(plan, "view_file", {"path": "src/" + mod}),
+                  say("Reflection: no such file; see what the repository holds.", "list_dir"),
+                  say(f"Reflection: {mod} is at the top; open it.", "view_file", {"path": mod})]
+    else: script = [say(plan, "view_file", {"path": mod})]
     if "repeat" in mistakes: script.append(say(f"Reflection: look at {mod} again.", "view_file", {"path": mod}))
-    script.append(say("Reflection: now reproduce the failure.", "run_tests"))
+    script += [say("Reflection: now reproduce the failure.", "run_tests"),
+               say(f"Reflection: the tests fail in {f}; note the fix to make.", "todo", {"add": f"fix {f} in {mod}"})]
     if "bad_args" in mistakes: script.append({"role": "assistant", "content": "Reflection: search for the function.",
                                               "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"text": f}}}]})
     if "bad_edit" in mistakes:
@@ -259,10 +265,9 @@ def ide_teacher_trace(task:Task, rng:random.Random, mistakes:tuple=MISTAKES, bud
         script += [say(f"Reflection: rename {f} to make its callers explicit.", "edit", {"path": mod, "old": f"def {f}(", "new": f"def {f}_impl("}),
                    say("Reflection: rerun the tests.", "run_tests"),
                    say(f"Reflection: every test now fails: the rename broke the callers; undo it.", "undo")]
-    from kat_nb.teacher import _reason
-    script += [say(_reason(task), "edit", dict(m["edit"])), say("Reflection: rerun the tests.", "run_tests"),
-               say("Reflection: lint the module.", "lint", {"path": mod}), say("Reflection: review the change.", "diff"),
-               say("Reflection: tests pass and the diff is the fix; mark it done.", "todo", {"done": 1}),
+    script += [say(_reason(task), "edit", teacher_edit(task)), say("Reflection: rerun the tests.", "run_tests"),
+               say("Reflection: the tests pass; lint the module.", "lint", {"path": mod}), say("Reflection: review the change.", "diff"),
+               say("Reflection: the diff is the fix; mark it done.", "todo", {"done": 1}),
                say("Reflection: submit.", "submit")]
     ep = IdeEpisode.start(task, budget_chars=budget_chars, keep_last=keep_last)
     try:
