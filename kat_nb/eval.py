@@ -78,6 +78,7 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
              policy:dict|None=None,   # the `policy:` params section (backend hf | vllm and vLLM's settings); None: hf
              ide_budget_chars:int=3000, # ide: the harness compacts a context past this many characters
              ide_max_turns:int=12,    # ide: assistant turns per episode (its tool surface is larger)
+             cross_turn_cache:bool=True, # hf: feed each turn only what is new to the episode's kept KV cache (kat_nb.env)
             ) -> tuple[dict, list[dict]]:
     "Metrics and per-item records of `checkpoint` on `suite`; the metrics name the isolation the code ran under (`sandbox`)."
     from kat_nb.core import read_jsonl
@@ -91,7 +92,8 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
         from kat_nb.serve import make_policy
         engine = dict(policy or {})
         policy = make_policy(path, engine.pop("backend", "hf"), name=checkpoint, batch_size=batch_size,
-                             max_new_tokens=humaneval_max_new_tokens if suite == "humaneval" else max_new_tokens, **engine)
+                             max_new_tokens=humaneval_max_new_tokens if suite == "humaneval" else max_new_tokens,
+                             cross_turn_cache=cross_turn_cache, **engine)
         # agent suites (world, recovery, ide) share the turn budget: recovery and ide once had humaneval's 256, which
         # doubled the time of every degenerate turn (sft's recovery rate was the same with either: 5% seed 0, 2% seed 1)
     if suite in ("world", "recovery", "ide"):
