@@ -237,13 +237,21 @@ def error_mask(trace:list[dict], redundant:bool=False) -> list[dict]:
 # %% ../nbs/lib/18_ide.ipynb #d336b675
 MISTAKES = ("wrong_path", "bad_edit", "break_tests", "repeat", "bad_args")
 
+def _in_view(messages:list[dict], path:str) -> bool:
+    "Whether the context holds a successful `view_file` of `path`: what an edit with line numbers and exact text needs."
+    return any(m.get("role") == "assistant" and nxt.get("role") == "tool" and not nxt.get("content", "").startswith("Error")
+               and any(f["name"] == "view_file" and (f.get("arguments") or {}).get("path") == path for f in _calls(m))
+               for m, nxt in zip(messages, messages[1:]))
+
 def ide_teacher_trace(task:Task, rng:random.Random, mistakes:tuple=MISTAKES, budget_chars:int=2500, keep_last:int=2) -> dict:
     """A teacher episode in the IDE harness with `mistakes` and their recoveries: {task_id, messages (the trace), resolved, steps}.
     Where the world teacher (`kat_nb.teacher`) would act, this one acts the same (its plan and first `view_file`, its
     line-scoped fix edit); the IDE's own tools come where only the IDE harness leads (a path not found → `list_dir`,
     a reproduced failure → `todo`, passing tests → `lint`, `diff`). The first traces opened with `todo` and fixed
     with whole-line edits, and the R2D model carried both into the world harness: `todo` calls with a `path`,
-    malformed edits 12 → 57 and world resolve 43% → 36% on seed 0 (README: R2D)."""
+    malformed edits 12 → 57 and world resolve 43% → 36% on seed 0 (README: R2D). And it never edits what is not in
+    its context: where a compaction has taken the file's view away, it views the file again first (trained to write
+    a line number and exact text it cannot see, a model learns to make them up)."""
     from kat_nb.teacher import _PLANS, _reason, teacher_edit, teacher_mistake
     from kat_nb.tasks import run_hidden_tests
     m = task.meta; mod, f = m["module"], m["func_name"]
@@ -272,6 +280,9 @@ def ide_teacher_trace(task:Task, rng:random.Random, mistakes:tuple=MISTAKES, bud
     ep = IdeEpisode.start(task, budget_chars=budget_chars, keep_last=keep_last)
     try:
         for msg in script:
+            call = msg["tool_calls"][0]["function"]
+            if call["name"] == "edit" and not _in_view(ep.messages, mod):   # a compaction took the file out of the context
+                ep.step(assistant_text(say(f"Reflection: {mod} is no longer in view; open it again before editing.", "view_file", {"path": mod})))
             ep.step(assistant_text(msg))
             if ep.done: break
         resolved = bool(ep.done and ep.finish == "submit" and run_hidden_tests(task, ep.ws.files()).ok)
