@@ -35,11 +35,15 @@ def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
         for x in ep.messages[2:]:
             if x["role"] == "assistant": x["loss"] = False                      # the scripted wrong attempt: context only
         world = _script(task, "read_first", random.Random(f"teacher:{task.id}:0"), teacher_edit(task))   # view, test, edit, rerun, submit
-        if variant == "edit_fails":       # after the stale edit: view it again, then the world teacher's own turns from the test run on
-            script = world[:3] + [(f"Reflection: {mod} changed on disk; view it again.", "view_file", {"path": mod})] + world[1:]
-        else:                             # revert, then the world teacher's turns from the test run on (it fails as at the start)
+        # Both recoveries go straight back to the fix: the failure the tests reproduced is already in context, and a
+        # second test run costs a turn of the suite's 8 (the stale-edit recovery took all 8 with it). The stale-edit
+        # reflection reads as the right move after *any* failed edit (re-read the file, retry), because the model
+        # does say it after its own failed edits in the world harness; "X changed on disk" said there was a misfire.
+        if variant == "edit_fails":       # after the stale edit: view the file again, then the world teacher's fix, rerun, submit
+            script = world[:3] + [(f"Reflection: the edit failed; view {mod} again before retrying it.", "view_file", {"path": mod})] + world[2:]
+        else:                             # revert, then the world teacher's fix, rerun, submit
             bad = wrong_fix(task); rev = revert_edit(bad)
-            script = [(f"Reflection: the tests still fail, so my edit of line {bad['line']} was wrong; undo it.", "edit", rev)] + world[1:]
+            script = [(f"Reflection: the tests still fail, so my edit of line {bad['line']} was wrong; undo it.", "edit", rev)] + world[2:]
         for text, name, args in script:
             ep.step(_say(text, name, args), max_turns=10**6)
             if ep.done: break
