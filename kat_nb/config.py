@@ -256,6 +256,7 @@ class R2dParams(MidtrainParams):
     eval_steps: int = Field(100, ge=1)
     save_steps: int = Field(100, ge=1)
     eval_samples: int = Field(16, ge=1)
+    turn_weights: Optional[dict[str, float]] = None   # {tool: loss weight} of assistant turns calling it, as `sft.turn_weights`
 
 class EvalParams(_Section):
     "`eval:` the checkpoints × suites matrix."
