@@ -56,8 +56,8 @@ def tsv_steps(path):
     return [int(r.split("\t")[i]) for r in rows]
 
 def metrics_of(stdout):
-    "The last METRICS record in `stdout`. Two ranks print theirs at once, and `print` writes the text and its newline "
-    "separately, so one line can hold both records ('METRICS {...}METRICS {...}'): each is decoded on its own."
+    """The last METRICS record in `stdout`. Two ranks print theirs at once, and `print` writes the text and its newline
+    separately, so one line can hold both records ('METRICS {...}METRICS {...}'): each is decoded on its own."""
     found = [json.JSONDecoder().raw_decode(part)[0] for l in stdout.splitlines() for part in l.split("METRICS ")[1:] if part.startswith("{")]
     return found[-1]
 
