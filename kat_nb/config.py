@@ -233,6 +233,7 @@ class R2dParams(MidtrainParams):
     recovery: int = Field(64, ge=0)               # teacher recoveries in the world harness (stale first edit / wrong first fix)
     recovery_cases: list[Literal["edit_fails", "wrong_fix"]] = Field(["edit_fails", "wrong_fix"], min_length=1)  # which of them
     model_tasks: int = Field(32, ge=0)            # episodes of the input checkpoint in the IDE harness (resolved ones are kept)
+    own_misses: int = Field(0, ge=0)              # train tasks the input checkpoint attempts in the world harness: its failed first edits, recovered by the teacher
     replay: int = Field(256, ge=0)                # world teacher trajectories (SFT data) mixed in
     extra_traces: Optional[str] = None            # a JSONL of real deployment traces (IDE trace format) added to the generated ones
     valid_rows: int = Field(32, ge=1)             # held-out rows (validation loss)

@@ -15,10 +15,10 @@ from .tasks import Task, run_hidden_tests
 from .tools import TOOLS
 
 # %% auto #0
-__all__ = ['revert_edit', 'recovery_trace', 'trace_rows', 'deployment_traces', 'r2d_card', 'r2d_rows', 'check_trace',
-           'load_traces', 'run_r2d']
+__all__ = ['revert_edit', 'recovery_trace', 'own_miss_trace', 'own_miss_traces', 'trace_rows', 'deployment_traces', 'r2d_card',
+           'r2d_rows', 'check_trace', 'load_traces', 'run_r2d']
 
-# %% ../nbs/lib/19_r2d.ipynb #a31300c7
+# %% ../nbs/lib/19_r2d.ipynb #cef0a501
 def _say(text:str, name:str, args:dict|None=None) -> str:
     return assistant_text({"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args or {}}}]})
 
@@ -51,6 +51,44 @@ def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
         return {"task_id": task.id, "variant": variant, "messages": ep.messages, "resolved": resolved, "harness": "world", "tools": ep.ws.tools()}
     finally: ep.ws.close()
 
+def own_miss_trace(task:Task, rec:dict, tool_timeout:float=10.0) -> dict|None:
+    """The model's own episode `rec` (a `run_episodes` record) cut after its first `edit`, when that edit failed, then the
+    teacher's recovery: view the file again, the world teacher's fix, rerun, submit. None when the first edit did not fail
+    or the model did more than read before it (its prefix must leave the files as given)."""
+    from kat_nb.teacher import _script, teacher_edit
+    from kat_nb.tools import Workspace
+    first = next((s for s in rec["steps"] if s.get("tool") == "edit"), None)
+    if first is None or first["status"] != "error": return None
+    before = [s for s in rec["steps"] if s["message_index"] < first["message_index"]]
+    if any(s.get("tool") not in ("view_file", "search", "run_tests") for s in before): return None   # it changed files (or misfired) first
+    msgs, j = rec["messages"], first["message_index"] + 1
+    while j < len(msgs) and msgs[j]["role"] == "tool": j += 1
+    prefix = [{**x, "loss": False} if x["role"] == "assistant" else dict(x) for x in msgs[:j]]   # the model's turns: context only
+    mod = task.meta["module"]
+    world = _script(task, "read_first", random.Random(f"teacher:{task.id}:0"), teacher_edit(task))
+    script = [(f"Reflection: the edit failed; view {mod} again before retrying it.", "view_file", {"path": mod})] + world[2:]
+    ep = Episode(task, prefix, Workspace.from_task(task, timeout=tool_timeout))   # a failed edit changes nothing: the files as given
+    try:
+        for text, name, args in script:
+            ep.step(_say(text, name, args), max_turns=10**6)
+            if ep.done: break
+        resolved = bool(ep.finish == "submit" and run_hidden_tests(task, ep.ws.files()).ok)
+        return {"task_id": task.id, "variant": "own_miss", "messages": ep.messages, "resolved": resolved, "harness": "world", "tools": ep.ws.tools()}
+    finally: ep.ws.close()
+
+def own_miss_traces(tasks:list[Task], model_dir:str|Path, max_new_tokens:int=128, tool_timeout:float=10.0,
+                    max_turns:int=4, batch_size:int=64) -> tuple[list[dict], int]:
+    """The checkpoint in `model_dir` on `tasks` in the world harness, greedy, each episode stopped at its first `edit`; the
+    recoveries (`own_miss_trace`) of those whose edit failed, and the number of episodes run."""
+    from kat_nb.env import HFPolicy, run_episodes
+    pol = HFPolicy.from_pretrained(model_dir, max_new_tokens=max_new_tokens, batch_size=batch_size, cross_turn_cache=True)
+    def first_edit(live):
+        for e in live:
+            if any(s.get("tool") == "edit" for s in e.steps): e.done, e.finish = True, "first_edit"
+    recs = run_episodes(tasks, pol, max_turns=max_turns, max_chars=10**6, tool_timeout=tool_timeout, monitor=first_edit)
+    by_id = {t.id: t for t in tasks}
+    return [t for r in recs if (t := own_miss_trace(by_id[r["task_id"]], r, tool_timeout)) is not None], len(recs)
+
 # %% ../nbs/lib/19_r2d.ipynb #5bfdd158
 _KEEP = ("role", "content", "tool_calls", "name", "loss")
 
@@ -77,11 +115,12 @@ def trace_rows(rec:dict, mask:bool=True, tree:bool=True, redundant:bool=False) -
             rows.append({"id": f"{rec['task_id']}/{k}", "messages": pre + body, "tools": tools})
     return rows
 
-# %% ../nbs/lib/19_r2d.ipynb #fd52865d
+# %% ../nbs/lib/19_r2d.ipynb #89ae2ed4
 def deployment_traces(tasks:list[Task], seed:int=0, teacher_ide:int=64, recovery:int=64, model_dir:str|Path|None=None,
                       model_tasks:int=0, budget_chars:int=2500, keep_last:int=2, max_turns:int=12, max_new_tokens:int=128,
                       tool_timeout:float=10.0, workers:int=2, echo=None,
                       recovery_cases:tuple|list=RECOVERY_VARIANTS, # which `recovery` situations the teacher recovers from
+                      own_misses:int=0, # train tasks the model attempts in the world harness: its failed first edits, recovered by the teacher
                      ) -> list[dict]:
     "Trace records (`task_id`, `source`, `messages`, `resolved`, ...) over distinct train `tasks`, in that order of sources."
     from concurrent.futures import ThreadPoolExecutor
@@ -93,10 +132,11 @@ def deployment_traces(tasks:list[Task], seed:int=0, teacher_ide:int=64, recovery
     ide_tasks, rest = tasks[:teacher_ide], tasks[teacher_ide:]
     rec_tasks = list(itertools.islice((t for t in rest if recovery_variant(t) in recovery_cases), recovery))   # the first that fit
     taken = {t.id for t in rec_tasks}
-    model_pool = [t for t in rest if t.id not in taken][:model_tasks]
-    if len(ide_tasks) < teacher_ide or len(rec_tasks) < recovery or len(model_pool) < model_tasks:
-        raise ValueError(f"r2d needs {teacher_ide} + {recovery} ({'/'.join(recovery_cases)}) + {model_tasks} distinct train tasks "
-                         f"(teacher_ide + recovery + model_tasks), the world has {len(tasks)}")
+    free = [t for t in rest if t.id not in taken]
+    model_pool, miss_pool = free[:model_tasks], free[model_tasks:model_tasks + own_misses]
+    if len(ide_tasks) < teacher_ide or len(rec_tasks) < recovery or len(model_pool) < model_tasks or len(miss_pool) < own_misses:
+        raise ValueError(f"r2d needs {teacher_ide} + {recovery} ({'/'.join(recovery_cases)}) + {model_tasks} + {own_misses} distinct train "
+                         f"tasks (teacher_ide + recovery + model_tasks + own_misses), the world has {len(tasks)}")
     def _ide(a):
         t, plan = a
         return {**ide_teacher_trace(t, random.Random(f"{seed}:{t.id}"), mistakes=plan, budget_chars=budget_chars, keep_last=keep_last),
@@ -113,6 +153,10 @@ def deployment_traces(tasks:list[Task], seed:int=0, teacher_ide:int=64, recovery
         out += [{"task_id": r["task_id"], "source": "model", "harness": "ide", "messages": r["trace"], "resolved": r["resolved"]}
                 for r in recs]
         if echo: echo(f"r2d: {len(recs)} episodes of {Path(model_dir).name} in the IDE harness, {sum(r['resolved'] for r in recs)} resolved")
+    if own_misses and model_dir is not None:
+        misses, n = own_miss_traces(miss_pool, model_dir, max_new_tokens, tool_timeout)
+        out += [{**r, "source": "own_miss"} for r in misses]
+        if echo: echo(f"r2d: {Path(model_dir).name}'s first edit failed on {len(misses)} of {n} train tasks: the teacher recovers each")
     return out
 
 def r2d_card(traces:list[dict], rows:list[dict], redundant:bool=False) -> dict:
