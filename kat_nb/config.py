@@ -258,6 +258,7 @@ class R2dParams(MidtrainParams):
     save_steps: int = Field(100, ge=1)
     eval_samples: int = Field(16, ge=1)
     turn_weights: Optional[dict[str, float]] = None   # {tool: loss weight} of assistant turns calling it, as `sft.turn_weights`
+    merge: float = Field(1.0, ge=0, le=1)         # final weights = input + merge x (trained - input) (WiSE-FT); 1.0: the trained weights
 
 class EvalParams(_Section):
     "`eval:` the checkpoints × suites matrix."

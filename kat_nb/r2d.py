@@ -16,7 +16,7 @@ from .tools import TOOLS
 
 # %% auto #0
 __all__ = ['revert_edit', 'recovery_trace', 'own_miss_trace', 'own_miss_traces', 'trace_rows', 'deployment_traces', 'r2d_card',
-           'r2d_rows', 'check_trace', 'load_traces', 'run_r2d']
+           'r2d_rows', 'check_trace', 'load_traces', 'interpolate_weights', 'run_r2d']
 
 # %% ../nbs/lib/19_r2d.ipynb #cef0a501
 def _say(text:str, name:str, args:dict|None=None) -> str:
@@ -218,9 +218,35 @@ def load_traces(path:str|Path) -> list[dict]:
             out.append({"source": "extra", "resolved": True, "harness": "ide", **rec})
     return out
 
-# %% ../nbs/lib/19_r2d.ipynb #f6f9966e
+# %% ../nbs/lib/19_r2d.ipynb #7ad3f772
+def interpolate_weights(init_dir:str|Path, out_dir:str|Path, alpha:float) -> int:
+    """Replace the weights in `out_dir` by `init + alpha * (out - init)`, tensor by tensor, from the same-named
+    safetensors files of `init_dir` (WiSE-FT: the fine-tuned model moved back toward the model it started from).
+    Returns the number of tensors written; a tensor or file the two do not share is an error naming it."""
+    from safetensors.torch import load_file, save_file
+    init_dir, out_dir = Path(init_dir), Path(out_dir)
+    files = sorted(out_dir.glob("*.safetensors"))
+    if not files: raise FileNotFoundError(f"r2d.merge: no *.safetensors weights in {out_dir}")
+    n = 0
+    for f in files:
+        if not (init_dir/f.name).exists(): raise FileNotFoundError(f"r2d.merge: {init_dir/f.name} is missing (the input's weights are sharded differently)")
+        a, b = load_file(init_dir/f.name), load_file(f)
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in b):
+            bad = sorted(set(a) ^ set(b)) or [k for k in b if a[k].shape != b[k].shape]
+            raise ValueError(f"r2d.merge: {f.name} of {out_dir} and of {init_dir} differ in tensors: {bad[:5]}")
+        save_file({k: (a[k].float() + alpha * (b[k].float() - a[k].float())).to(b[k].dtype).contiguous() for k in b}, f,
+                  metadata={"format": "pt"})
+        n += len(b)
+    return n
+
 def run_r2d(rows:list[dict], valid_rows:list[dict], init_dir:str|Path, params:dict, out_dir:str|Path, live_dir:str|Path|None,
-            seed:int=0, echo=print) -> dict:
-    "SFT of `init_dir` on the R2D rows (error-masked, TST segments) with the `r2d:` training keys; returns its metrics."
+            seed:int=0, echo=print, merge:float=1.0) -> dict:
+    """SFT of `init_dir` on the R2D rows (error-masked, TST segments) with the `r2d:` training keys; then, when `merge`
+    < 1, the final weights interpolated back toward the input's (`interpolate_weights`; the checkpoints a resumed run
+    starts from stay the trained ones). Returns the training metrics."""
     from kat_nb.sft import run_sft
-    return run_sft(rows, valid_rows, init_dir, params, out_dir, live_dir, seed=seed, echo=echo)
+    metrics = run_sft(rows, valid_rows, init_dir, params, out_dir, live_dir, seed=seed, echo=echo)
+    if merge != 1.0:
+        n = interpolate_weights(init_dir, out_dir, merge)
+        if echo: echo(f"r2d: weights = input + {merge} x (trained - input), {n} tensors")
+    return {**metrics, "merge": merge}

@@ -45,7 +45,7 @@ def sft_repo(tmp_path_factory) -> Path:
     prof = repo/"configs"/"profiles"/"smoke.yaml"
     p = yaml.safe_load(prof.read_text())
     p["rft"].update(steps=12, save_every=1)
-    p["r2d"].update(max_steps=8, save_steps=1, eval_steps=4, model_tasks=0, own_misses=0)   # no model episodes: the test is about training
+    p["r2d"].update(max_steps=8, save_steps=1, eval_steps=4, model_tasks=0, own_misses=0, merge=0.5)   # no model episodes: the test is about training
     prof.write_text(yaml.safe_dump(p))
     _sh(["dvc", "repro", "sft"], repo)
     return repo
