@@ -18,7 +18,7 @@ from .tools import TOOLS
 __all__ = ['revert_edit', 'recovery_trace', 'own_miss_trace', 'own_miss_traces', 'trace_rows', 'deployment_traces', 'r2d_card',
            'r2d_rows', 'check_trace', 'load_traces', 'interpolate_weights', 'run_r2d']
 
-# %% ../nbs/lib/19_r2d.ipynb #cef0a501
+# %% ../nbs/lib/19_r2d.ipynb #bd26abfc
 def _say(text:str, name:str, args:dict|None=None) -> str:
     return assistant_text({"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args or {}}}]})
 
@@ -26,30 +26,39 @@ def revert_edit(bad:dict) -> dict:
     "The `edit` that undoes `bad`: the same path and line with `old` and `new` swapped (a copy of the call in context)."
     return {"path": bad["path"], **({"line": bad["line"]} if "line" in bad else {}), "old": bad["new"], "new": bad["old"]}
 
-def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
-    "The teacher recovering on `task` in the situation `recovery_start` makes for it: {task_id, variant, messages, resolved, tools}."
-    from kat_nb.teacher import _reason, _script, teacher_edit
-    m = task.meta; mod = m["module"]; variant = recovery_variant(task)
-    ep = recovery_start(task, tool_timeout)
+def _teacher_finishes(task:Task, ep:Episode, script:list, variant:str) -> dict:
+    "Step the teacher's `script` in `ep` (then close its workspace): the trace record {task_id, variant, messages, resolved, tools}."
     try:
-        for x in ep.messages[2:]:
-            if x["role"] == "assistant": x["loss"] = False                      # the scripted wrong attempt: context only
-        world = _script(task, "read_first", random.Random(f"teacher:{task.id}:0"), teacher_edit(task))   # view, test, edit, rerun, submit
-        # Both recoveries go straight back to the fix: the failure the tests reproduced is already in context, and a
-        # second test run costs a turn of the suite's 8 (the stale-edit recovery took all 8 with it). The stale-edit
-        # reflection reads as the right move after *any* failed edit (re-read the file, retry), because the model
-        # does say it after its own failed edits in the world harness; "X changed on disk" said there was a misfire.
-        if variant == "edit_fails":       # after the stale edit: view the file again, then the world teacher's fix, rerun, submit
-            script = world[:3] + [(f"Reflection: the edit failed; view {mod} again before retrying it.", "view_file", {"path": mod})] + world[2:]
-        else:                             # revert, then the world teacher's fix, rerun, submit
-            bad = wrong_fix(task); rev = revert_edit(bad)
-            script = [(f"Reflection: the tests still fail, so my edit of line {bad['line']} was wrong; undo it.", "edit", rev)] + world[2:]
         for text, name, args in script:
             ep.step(_say(text, name, args), max_turns=10**6)
             if ep.done: break
         resolved = bool(ep.finish == "submit" and run_hidden_tests(task, ep.ws.files()).ok)
         return {"task_id": task.id, "variant": variant, "messages": ep.messages, "resolved": resolved, "harness": "world", "tools": ep.ws.tools()}
     finally: ep.ws.close()
+
+def _review(task:Task) -> tuple:
+    "The teacher's move after a failed edit: view the module again."
+    mod = task.meta["module"]
+    return (f"Reflection: the edit failed; view {mod} again before retrying it.", "view_file", {"path": mod})
+
+def recovery_trace(task:Task, tool_timeout:float=10.0) -> dict:
+    "The teacher recovering on `task` in the situation `recovery_start` makes for it: {task_id, variant, messages, resolved, tools}."
+    from kat_nb.teacher import _script, teacher_edit
+    variant = recovery_variant(task)
+    world = _script(task, "read_first", random.Random(f"teacher:{task.id}:0"), teacher_edit(task))   # view, test, edit, rerun, submit
+    # Both recoveries go straight back to the fix: the failure the tests reproduced is already in context, and a
+    # second test run costs a turn of the suite's 8 (the stale-edit recovery took all 8 with it). The stale-edit
+    # reflection reads as the right move after *any* failed edit (re-read the file, retry), because the model
+    # does say it after its own failed edits in the world harness; "X changed on disk" said there was a misfire.
+    if variant == "edit_fails":       # after the stale edit: view the file again, then the world teacher's fix, rerun, submit
+        script = world[:3] + [_review(task)] + world[2:]
+    else:                             # revert, then the world teacher's fix, rerun, submit
+        bad = wrong_fix(task)
+        script = [(f"Reflection: the tests still fail, so my edit of line {bad['line']} was wrong; undo it.", "edit", revert_edit(bad))] + world[2:]
+    ep = recovery_start(task, tool_timeout)
+    for x in ep.messages[2:]:
+        if x["role"] == "assistant": x["loss"] = False                      # the scripted wrong attempt: context only
+    return _teacher_finishes(task, ep, script, variant)
 
 def own_miss_trace(task:Task, rec:dict, tool_timeout:float=10.0) -> dict|None:
     """The model's own episode `rec` (a `run_episodes` record) cut after its first `edit`, when that edit failed, then the
@@ -64,17 +73,9 @@ def own_miss_trace(task:Task, rec:dict, tool_timeout:float=10.0) -> dict|None:
     msgs, j = rec["messages"], first["message_index"] + 1
     while j < len(msgs) and msgs[j]["role"] == "tool": j += 1
     prefix = [{**x, "loss": False} if x["role"] == "assistant" else dict(x) for x in msgs[:j]]   # the model's turns: context only
-    mod = task.meta["module"]
     world = _script(task, "read_first", random.Random(f"teacher:{task.id}:0"), teacher_edit(task))
-    script = [(f"Reflection: the edit failed; view {mod} again before retrying it.", "view_file", {"path": mod})] + world[2:]
     ep = Episode(task, prefix, Workspace.from_task(task, timeout=tool_timeout))   # a failed edit changes nothing: the files as given
-    try:
-        for text, name, args in script:
-            ep.step(_say(text, name, args), max_turns=10**6)
-            if ep.done: break
-        resolved = bool(ep.finish == "submit" and run_hidden_tests(task, ep.ws.files()).ok)
-        return {"task_id": task.id, "variant": "own_miss", "messages": ep.messages, "resolved": resolved, "harness": "world", "tools": ep.ws.tools()}
-    finally: ep.ws.close()
+    return _teacher_finishes(task, ep, [_review(task)] + world[2:], "own_miss")
 
 def own_miss_traces(tasks:list[Task], model_dir:str|Path, max_new_tokens:int=128, tool_timeout:float=10.0,
                     max_turns:int=4, batch_size:int=64) -> tuple[list[dict], int]:
