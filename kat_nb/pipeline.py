@@ -219,7 +219,7 @@ BENCHES = {  # name -> "module:function"
     "rollout": "kat_nb.env:bench_rollout",
     "sandbox": "kat_nb.sandbox:bench_sandbox",
     "tree": "kat_nb.tree:bench_tree",
-    "balance": "kat_nb.data:bench_balance",
+    "balance": "kat_nb.mixture:bench_balance",
     "sft": "kat_nb.sft:bench_sft",
     "rft": "kat_nb.rft:bench_rft",
 }

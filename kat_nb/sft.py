@@ -174,7 +174,7 @@ def bench_sft(quick:bool=False, # fewer samples (a smoke run of the benchmark)
              ) -> list[dict]:
     "`kat-nb bench sft`: packed vs padded SFT on a balanced mixture (world trajectories + grid rows), tiny model."
     import random
-    from kat_nb.data import sft_mixture
+    from kat_nb.mixture import sft_mixture
     from kat_nb.model import train_tokenizer, render_chat
     from kat_nb.world import make_world, teacher_trajectory, grid_rows, label_trajectory, skewed_weights
     n = 48 if quick else 256

@@ -287,7 +287,9 @@ def bench_midtrain_mixture(quick:bool=False, # fewer documents and shorter rows 
                           ) -> list[dict]:
     "`kat-nb bench midtrain`: packed vs padded on a freshly generated mixture (code, reasoning, instructions, agentic), tiny model."
     import random
-    from kat_nb.data import code_rows, reasoning_rows, instruction_rows
+    from kat_nb.data import code_rows
+    from kat_nb.reasoning import reasoning_rows
+    from kat_nb.instructions import instruction_rows
     from kat_nb.world import make_world, teacher_trajectory
     n = 64 if quick else 256
     world = make_world(0, n_train=n // 4, n_valid=1, n_test=1)

@@ -8,9 +8,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from kat_nb.core import DataFileError, read_jsonl, repo_root
 from kat_nb.world import make_world, teacher_trajectory
-from kat_nb.data import (CHECKS, apply_unified_diff, build_data, chat_row, check_instruction, dedup_rows, diff_samples,
-                         heldout_texts, instruction_rows, instruction_sample, load_text_rows, program_trace,
-                         reasoning_rows, split_rows, task_text, text_row, unified_diff)
+from kat_nb.data import (apply_unified_diff, build_data, chat_row, dedup_rows, diff_samples, heldout_texts, load_text_rows,
+                         split_rows, task_text, text_row, unified_diff)
+from kat_nb.reasoning import program_trace, reasoning_rows
+from kat_nb.instructions import CHECKS, check_instruction, instruction_rows, instruction_sample
 
 FIXTURES = repo_root()/"data"/"fixtures"
 TINY_WORLD = {"n_train": 8, "n_valid": 2, "n_test": 3, "held_out_bug_kinds": ["wrong_variable"]}

@@ -2,7 +2,7 @@
 import random
 import numpy as np
 import pytest
-from kat_nb.data import GRID, balance, coverage, encode_labels, sft_mixture, load_sft_rows
+from kat_nb.mixture import GRID, balance, coverage, encode_labels, sft_mixture, load_sft_rows
 from kat_nb.world import AXES, ARCHETYPES, DEV_CONTEXTS, LANGUAGES, grid_rows, skewed_weights, text_task, exec_task
 
 
