@@ -17,7 +17,7 @@ __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParam
            'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params',
            'stage_parameters', 'stage_dirs']
 
-# %% ../nbs/lib/01_config.ipynb #8b275fca
+# %% ../nbs/lib/01_config.ipynb #1d8232f5
 class _Section(BaseModel):
     "A `params.yaml` section: unknown keys are errors, values are validated."
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -39,6 +39,8 @@ class MidtrainDataParams(_Section):
     stdlib_files: int = Field(400, ge=0)      # stdlib .py files in the code corpus
     chunk_chars: int = Field(3000, ge=200)    # code-corpus chunk size (characters)
     stdlib_diffs: int = Field(1500, ge=0)     # commit/diff samples: bugs injected into stdlib functions
+    commit_kinds: Literal["all", "trained"] = "all"   # bug kinds in the commits: all (the paper: commits broad) | trained (no held-out kind)
+    probe_per_kind: int = Field(24, ge=0)     # unseen commit samples per bug kind for the mid-training probe
     reasoning: int = Field(1500, ge=0)        # reasoning-and-reflection traces
     instructions: int = Field(1500, ge=0)     # instruction following with verifiable constraints
     agentic: int = Field(3000, ge=0)          # teacher trajectories from the world's train split
@@ -135,9 +137,11 @@ class SftHFSource(_Section):
 
 class SftParams(_Section):
     "`sft:` the quota-balanced mixture and its training."
+    input: Literal["midtrain", "base"] = "midtrain"   # the checkpoint it starts from (base: no mid-training, the ablation)
     grid_rows: int = Field(20000, ge=0)
     bugfix_rows: Optional[int] = Field(None, ge=0)
     skew: bool = True
+    mistakes: float = Field(0.0, ge=0, le=1)   # share of world train tasks adding an error-masked wrong-first-edit trajectory
     mixture_size: int = Field(4000, ge=1)
     max_repeat: int = Field(4, ge=1)
     balance_start: Literal["pool", "uniform"] = "pool"

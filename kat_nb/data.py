@@ -16,9 +16,9 @@ from .world import BUG_KINDS, inject_bug, make_world, teacher_trajectory
 # %% auto #0
 __all__ = ['COMPONENTS', 'STDLIB_SKIP_DIRS', 'SYMPTOMS', 'text_row', 'chat_row', 'stdlib_root', 'stdlib_files', 'chunk_code',
            'code_rows', 'FunctionSpan', 'function_spans', 'unified_diff', 'apply_unified_diff', 'DiffSample',
-           'commit_message', 'make_diff_sample', 'diff_samples', 'agentic_rows', 'row_text', 'shingle_hashes',
-           'minhash', 'DedupReport', 'dedup_rows', 'task_text', 'heldout_texts', 'split_rows', 'load_text_rows',
-           'data_card', 'world_trajectories', 'build_data']
+           'commit_message', 'make_diff_sample', 'diff_samples', 'probe_rows', 'agentic_rows', 'row_text',
+           'shingle_hashes', 'minhash', 'DedupReport', 'dedup_rows', 'task_text', 'heldout_texts', 'split_rows',
+           'load_text_rows', 'data_card', 'world_trajectories', 'build_data']
 
 # %% ../nbs/lib/04_data.ipynb #c02d696d
 COMPONENTS = ("code", "diff", "reasoning", "agentic", "instructions")
@@ -219,12 +219,13 @@ def make_diff_sample(source:str, # the stdlib file's content
     return DiffSample(span.path, span.module, span.qualname, span.start, span.end, bug.kind, bug.description,
                       buggy_i, fixed_i, commit_message(span.module, span.qualname, bug.kind, fix), _shift_hunks(d, lo))
 
-# %% ../nbs/lib/04_data.ipynb #8aea76a4
+# %% ../nbs/lib/04_data.ipynb #a4a317b9
 def diff_samples(n:int, # how many commit samples
                  n_files:int, # draw functions from the first `n_files` stdlib files
                  seed:int=0,
                  kinds:Iterable[str]|None=None, # bug kinds (default: all of `kat_nb.world.BUG_KINDS`)
                  max_lines:int=40, # skip functions longer than this
+                 exclude:Iterable[tuple[str, str]]=(), # (path, qualname) functions not to use (another sample set's)
                 ) -> list[DiffSample]:
     "`n` commit samples, each fixing a bug injected into a different (function, kind) of the stdlib."
     kinds = list(kinds if kinds is not None else BUG_KINDS)
@@ -234,6 +235,7 @@ def diff_samples(n:int, # how many commit samples
         path = "Lib/" + p.relative_to(root).as_posix()
         sources[path] = p.read_text(encoding="utf-8", errors="replace")
         spans += [s for s in function_spans(sources[path], path) if 2 <= s.end - s.start < max_lines]
+    skip = set(exclude); spans = [s for s in spans if (s.path, s.qualname) not in skip]
     rng, out, seen = random.Random(seed), [], set()
     for attempt in range(20 * n):
         if len(out) >= n or not spans: break
@@ -242,6 +244,27 @@ def diff_samples(n:int, # how many commit samples
         seen.add((span.path, span.qualname, kind))
         s = make_diff_sample(sources[span.path], span, kind, rng)
         if s is not None: out.append(s)
+    return out
+
+# %% ../nbs/lib/04_data.ipynb #870cbdc7
+def probe_rows(n:int, # commit samples per kind
+               n_files:int, # from the first `n_files` stdlib files, like the corpus
+               seed:int=0,
+               kinds:Iterable[str]|None=None, # default: every kind of `kat_nb.world.BUG_KINDS`
+               exclude:Iterable[tuple[str, str]]=(), # the training commits' (path, qualname): never probed
+               held_out:Iterable[str]=(), # the world's held-out kinds (marked on the rows)
+               commit_kinds:Iterable[str]|None=None, # the kinds the training commits hold (marked on the rows; default all)
+              ) -> list[dict]:
+    "Unseen commit samples for the mid-training probe: `{kind, held_out, in_commits, text, targets}`, `targets` the char spans of the added lines."
+    held, out, exclude = set(held_out), [], set(exclude)
+    in_commits = set(commit_kinds if commit_kinds is not None else BUG_KINDS)
+    for i, kind in enumerate(kinds if kinds is not None else BUG_KINDS):
+      for d in diff_samples(n, n_files, seed * 1000 + i, [kind], exclude=exclude):
+        text = DiffSample(**{**d.__dict__, "message": commit_message(d.module, d.qualname, d.kind, "").rstrip("\n")}).text
+        start = text.index("\n--- ")          # the diff's header: the targets are the `+` lines after it
+        spans = [(m.start() + 1, m.end()) for m in re.finditer(r"(?m)^\+(?!\+\+ ).*$", text[start:])]
+        out.append({"kind": d.kind, "held_out": d.kind in held, "in_commits": d.kind in in_commits, "path": d.path, "qualname": d.qualname, "text": text,
+                    "targets": [(start + a, start + b) for a, b in spans]})
     return out
 
 # %% ../nbs/lib/04_data.ipynb #c5528aad
@@ -402,7 +425,7 @@ def data_card(train:list[dict], valid:list[dict], report:DedupReport, requested:
             "dedup_heldout": {"heldout_texts": report.heldout_docs, "removed": total["heldout_removed"]},
             "dedup_seconds": report.seconds, **extra}
 
-# %% ../nbs/lib/04_data.ipynb #60055211
+# %% ../nbs/lib/04_data.ipynb #6166b82b
 def world_trajectories(tasks:list, seed:int=0,
                        workers:int=8, # threads: each trajectory mostly waits on sandboxed test runs
                       ) -> list[dict]:
@@ -430,8 +453,13 @@ def build_data(out_dir:Path|str, # the stage's data folder (`stage_dirs(out_root
     t["trajectories"] = time.time() - t0; t0 = time.time()
     rows = code_rows(mt["stdlib_files"], mt["chunk_chars"]); t["code"] = time.time() - t0; t0 = time.time()
     held = set(world.get("held_out_bug_kinds", []))
-    diffs = diff_samples(mt["stdlib_diffs"], mt["stdlib_files"], seed, kinds=[k for k in BUG_KINDS if k not in held])
+    trained = [k for k in BUG_KINDS if k not in held]
+    commit_kinds = {"all": list(BUG_KINDS), "trained": trained}[mt.get("commit_kinds", "all")]
+    diffs = diff_samples(mt["stdlib_diffs"], mt["stdlib_files"], seed, kinds=commit_kinds)
     rows += [text_row("diff", d.text) for d in diffs]; t["diff"] = time.time() - t0; t0 = time.time()
+    probe = probe_rows(mt.get("probe_per_kind", 0), mt["stdlib_files"], seed + 1, BUG_KINDS,
+                       exclude={(d.path, d.qualname) for d in diffs}, held_out=held, commit_kinds=commit_kinds)
+    write_jsonl(out/"midtrain"/"probe.jsonl", probe); t["probe"] = time.time() - t0; t0 = time.time()
     rows += reasoning_rows(mt["reasoning"], seed); t["reasoning"] = time.time() - t0; t0 = time.time()
     rows += agentic_rows(traj["train"], mt["agentic"]); t["agentic"] = time.time() - t0; t0 = time.time()
     rows += instruction_rows(mt["instructions"], seed); t["instructions"] = time.time() - t0; t0 = time.time()
@@ -444,6 +472,8 @@ def build_data(out_dir:Path|str, # the stage's data folder (`stage_dirs(out_root
     requested = {"code": None, "diff": mt["stdlib_diffs"], "reasoning": mt["reasoning"], "agentic": mt["agentic"], "instructions": mt["instructions"]}
     card = data_card(train, valid, rep, {k: v for k, v in requested.items() if v is not None},
                      seed=seed, stdlib_files=len(stdlib_files(mt["stdlib_files"])),
+                     kinds={"diff": sorted({d.kind for d in diffs}), "agentic": sorted({x.meta["bug_kind"] for x in splits["train"]}),
+                            "test": sorted({x.meta["bug_kind"] for x in splits["test"]}), "probe": sorted({r["kind"] for r in probe})},
                      world={s: len(v) for s, v in splits.items()} | {"held_out_bug_kinds": sorted(held),
                             "teacher_resolved": {s: sum(bool(r.get("resolved")) for r in traj[s]) for s in ("train", "valid")}},
                      dedup={"threshold": mt["dedup_threshold"], "num_perm": mt["dedup_num_perm"], "shingle_words": mt["shingle_words"]},

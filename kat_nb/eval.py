@@ -12,7 +12,7 @@ from .env import run_episodes, summarize, TeacherPolicy, HFPolicy
 
 # %% auto #0
 __all__ = ['HUMANEVAL_SYSTEM', 'CURRICULUM', 'humaneval_problems', 'extract_code', 'humaneval_solution', 'humaneval_test',
-           'check_humaneval', 'evaluate_humaneval', 'evaluate', 'stage_curve']
+           'check_humaneval', 'evaluate_humaneval', 'edit_turn_target', 'edit_turn_accuracy', 'evaluate', 'stage_curve']
 
 # %% ../nbs/lib/11_eval.ipynb #d2e96de1
 HUMANEVAL_SYSTEM = "You are a coding assistant. Complete the Python function. Answer with code only."
@@ -68,7 +68,39 @@ def evaluate_humaneval(policy, limit:int|None=None, timeout:float=10.0) -> tuple
     passed = sum(r["passed"] for r in results)
     return {"problems": len(results), "passed": passed, "pass@1": round(passed / len(results), 4)}, results
 
-# %% ../nbs/lib/11_eval.ipynb #c4c8604e
+# %% ../nbs/lib/11_eval.ipynb #6b18a7cc
+def edit_turn_target(tok, rec:dict) -> tuple[list[int], int, int]|None:
+    "Token ids of a teacher trajectory up to the end of its `edit` turn, and the [start, end) of that turn's tokens (None: no edit)."
+    edit = next((st["message_index"] for st in rec["steps"] if st["tool"] == "edit"), None)
+    if edit is None: return None
+    tools = rec.get("tools") or None
+    ids = lambda msgs, gen: list(tok.apply_chat_template(msgs, tools=tools, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
+    prompt, full = ids(rec["messages"][:edit], True), ids(rec["messages"][:edit + 1], False)
+    if full[:len(prompt)] != prompt: raise ValueError(f"task {rec.get('task_id')}: the chat template does not extend the prompt at the edit turn")
+    return full, len(prompt), len(full)
+
+def edit_turn_accuracy(model_dir:str|Path, tasks:list, unseen:set=frozenset()) -> dict:
+    "`edit_turn/exact` (+ over seen and unseen kinds): share of `tasks` whose teacher edit turn the greedy prediction gets all right."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kat_nb.teacher import teacher_trajectory
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as ex: recs = list(ex.map(teacher_trajectory, tasks))   # each mostly waits on sandboxed test runs
+    right = {"all": [], "seen_kinds": [], "unseen_kinds": []}
+    for t, rec in zip(tasks, recs):
+        tgt = edit_turn_target(tok, rec)
+        if tgt is None: continue
+        ids, a, b = tgt; x = torch.tensor(ids)
+        with torch.no_grad(): pred = model(x[None]).logits[0, a - 1:b - 1].argmax(-1)
+        ok = bool((pred == x[a:b]).all())
+        right["all"].append(ok); right["unseen_kinds" if t.meta.get("bug_kind") in unseen else "seen_kinds"].append(ok)
+    out = {"edit_turn/tasks": len(right["all"]), "edit_turn/exact": round(sum(right["all"]) / max(1, len(right["all"])), 4)}
+    for k in ("seen_kinds", "unseen_kinds"):
+        if right[k]: out[f"edit_turn/{k}/exact"] = round(sum(right[k]) / len(right[k]), 4)
+    return out
+
+# %% ../nbs/lib/11_eval.ipynb #adb98f3f
 def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
              suite:str,               # "world" | "humaneval" | "recovery" | "ide" (kat_nb.ide)
              models_dir:Path, data_dir:Path,
@@ -108,6 +140,7 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
         seen = {d.get("meta", {}).get("bug_kind") for d in read_jsonl(train)} if train.exists() else set()
         unseen = {t.meta.get("bug_kind") for t in tasks} - seen if seen else set()
         m = summarize(records, unseen)
+        if suite == "world" and checkpoint != "teacher": m |= edit_turn_accuracy(path, tasks, unseen)
         if suite == "recovery":
             for v in ("edit_fails", "wrong_fix"):
                 rs = [r for r, t in zip(records, tasks) if recovery_variant(t) == v]

@@ -221,6 +221,7 @@ BENCHES = {  # name -> "module:function"
     "tree": "kat_nb.tree:bench_tree",
     "balance": "kat_nb.mixture:bench_balance",
     "sft": "kat_nb.sft:bench_sft",
+    "sft-tree": "kat_nb.sft:bench_sft_tree",
     "rft": "kat_nb.rft:bench_rft",
 }
 

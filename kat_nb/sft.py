@@ -12,8 +12,8 @@ from .core import from_root, set_seed
 from .train import PackedCollator, _deepspeed_without_jit, _live_callback, last_checkpoint, midtrain_args, train_and_save, trim_live, world_size
 
 # %% auto #0
-__all__ = ['turn_weight', 'weight_turns', 'sft_tokenize', 'sft_dataset', 'sft_tree_seqs', 'run_sft', 'bench_sft_rows',
-           'bench_sft']
+__all__ = ['turn_weight', 'weight_turns', 'sft_tokenize', 'sft_dataset', 'sft_tree_seqs', 'run_sft', 'bench_sft_tree',
+           'bench_sft_rows', 'bench_sft']
 
 # %% ../nbs/lib/13_sft.ipynb #13de569c
 def _turn_spans(mask:list[int], n_turns:int, row_id) -> list[tuple[int, int]]:
@@ -146,6 +146,47 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
         f"{params['max_steps']} steps, global batch {params['global_batch_size']}")
     metrics = train_and_save(trainer, tok, out_dir, live, resume, start_file, main, say)
     return {**metrics, "train_rows": len(train_ds), "samples": len(train_rows), "loss_tokens_per_epoch": loss_tokens}
+
+# %% ../nbs/lib/13_sft.ipynb #4a74447c
+def bench_sft_tree(quick:bool=False, # 48 trajectories instead of 256 (a smoke run of the benchmark)
+                   n:int|None=None, # world trajectories to train on (overrides quick)
+                   batch:int=8, row_tokens:int=1024, seq_len:int=1024,
+                  ) -> list[dict]:
+    "One JSON row per run (flat, tree, flat with seed 1): exact validation loss, train seconds; the tree row has `speedup` and the loss differences."
+    import torch
+    from transformers import AutoModelForCausalLM
+    from kat_nb.model import build_model, row_text, train_tokenizer
+    from kat_nb.tree import flat_loss, tree_step_data
+    from kat_nb.world import make_world, teacher_trajectory
+    n = n or (48 if quick else 256)
+    world = make_world(0, n_train=n, n_valid=16 if quick else 48, n_test=1)
+    rows = lambda split: [r for r in map(teacher_trajectory, world[split]) if r["resolved"]]
+    train, valid = rows("train"), rows("valid")
+    tmp = Path(tempfile.mkdtemp())
+    tok = train_tokenizer([row_text(r) for r in train], vocab_size=2048)
+    cfg = dict(source="config", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+               intermediate_size=512, max_position_embeddings=2048, tie_word_embeddings=True, dtype="float32", attn_implementation="sdpa")
+    build_model(cfg, tok).save_pretrained(tmp/"init"); tok.save_pretrained(tmp/"init")
+    base = dict(learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=5, weight_decay=0.0, global_batch_size=batch,
+                per_device_batch_size=batch, seq_len=seq_len, packing=True, tree_normalize="token", tree_row_tokens=row_tokens,
+                eval_steps=10**6, save_steps=10**6, logging_steps=10**6, save_total_limit=1, eval_samples=10**4, deepspeed=None,
+                use_cpu=True, bf16=False)
+    vseqs = sft_tree_seqs(valid, tok, seq_len)
+    flat_steps = math.ceil(len(sft_dataset(train, tok, seq_len, True)) / batch)     # one pass over the packed flat rows
+    tree_steps = len(tree_step_data(sft_tree_seqs(train, tok, seq_len), vseqs[:1], {**base, "tree_packing": True})[0])
+    out = []
+    for name, tree, seed in (("flat", False, 0), ("tree", True, 0), ("flat_seed1", False, 1)):
+        p = {**base, "tree_packing": tree, "max_steps": tree_steps if tree else flat_steps}
+        m = run_sft(train, valid, tmp/"init", p, tmp/name, None, seed=seed, echo=None)
+        model = AutoModelForCausalLM.from_pretrained(str(tmp/name)).eval()
+        with torch.no_grad(): exact = float(flat_loss(model, vseqs, normalize="token"))   # the same measure for every run
+        out.append({"config": name, "trajectories": len(train), "batch": batch, "tree_row_tokens": row_tokens, "steps": m["train_steps"],
+                    "val_loss": round(exact, 4), "train_seconds": round(m["seconds"], 2)})
+    flat, tree, flat1 = out
+    tree["speedup"] = round(flat["train_seconds"] / tree["train_seconds"], 2)
+    tree["val_loss_rel_diff"] = round(abs(tree["val_loss"] - flat["val_loss"]) / flat["val_loss"], 4)
+    tree["noise_rel_diff"] = round(abs(flat1["val_loss"] - flat["val_loss"]) / flat["val_loss"], 4)
+    return out
 
 # %% ../nbs/lib/13_sft.ipynb #fb7a6791
 def bench_sft_rows(rows:list[dict], tokenizer, model_cfg:dict, seq_len:int=1024, batch_size:int=8, seed:int=0) -> list[dict]:

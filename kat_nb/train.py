@@ -14,7 +14,8 @@ from .model import build_model, checkpointing_kw, load_tokenizer, row_text, trai
 
 # %% auto #0
 __all__ = ['grad_accum_steps', 'world_size', 'with_eos', 'lm_dataset', 'PackedCollator', 'last_checkpoint', 'trim_live',
-           'midtrain_args', 'tree_rows', 'train_and_save', 'run_midtrain', 'bench_midtrain', 'bench_midtrain_mixture']
+           'midtrain_args', 'tree_rows', 'train_and_save', 'run_midtrain', 'commit_probe', 'bench_midtrain',
+           'bench_midtrain_mixture']
 
 # %% ../nbs/lib/06_train.ipynb #4d937966
 def grad_accum_steps(global_batch_size:int, per_device_batch_size:int, world_size:int=1) -> int:
@@ -246,6 +247,30 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
         f"global batch {params['global_batch_size']} = {params['per_device_batch_size']} x {args.gradient_accumulation_steps} "
         f"accum x {world_size()} processes")
     return train_and_save(trainer, tok, out_dir, live, resume, start_file, main, say)
+
+# %% ../nbs/lib/06_train.ipynb #e5e589b8
+def commit_probe(model_dir:str|Path, # a saved checkpoint with its tokenizer
+                 rows:list[dict], # `kat_nb.data.probe_rows` rows: {kind, held_out, text, targets}
+                 max_tokens:int=2048, # texts are cut here (the fix tokens beyond it are not scored)
+                ) -> dict:
+    "{kind | 'trained' | 'held_out': {n, loss, exact}}: the fix tokens' mean loss (nats/token) and the share of commits with every fix token right."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    acc = {}
+    for r in rows:
+        enc = tok(r["text"], return_offsets_mapping=True, add_special_tokens=False)
+        ids, offs = enc["input_ids"][:max_tokens], enc["offset_mapping"][:max_tokens]
+        on = torch.tensor([any(s < b and a < e for a, b in r["targets"]) for s, e in offs[1:]], dtype=torch.bool)
+        if not on.any(): continue
+        x = torch.tensor(ids)
+        with torch.no_grad(): logp = torch.log_softmax(model(x[None]).logits[0, :-1].float(), -1)
+        y = x[1:]
+        nll = -logp[torch.arange(len(y)), y][on]
+        exact = bool((logp.argmax(-1)[on] == y[on]).all())
+        for key in (r["kind"], "held_out" if r["held_out"] else "trained"):
+            a = acc.setdefault(key, [0, 0.0, 0, 0]); a[0] += 1; a[1] += nll.sum().item(); a[2] += len(nll); a[3] += exact
+    return {k: {"n": n, "loss": round(s / t, 4), "exact": round(e / n, 4)} for k, (n, s, t, e) in sorted(acc.items())}
 
 # %% ../nbs/lib/06_train.ipynb #31e378bf
 def bench_midtrain(rows:list[dict], # corpus rows
