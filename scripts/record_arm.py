@@ -6,6 +6,7 @@ run wrote (`metrics/<stage>.json`, `metrics/<stage>/world.json`, `params.yaml`) 
 
     python scripts/record_arm.py --table rft_references --arm multi --stage rft
     python scripts/record_arm.py --table r2d_ablations --arm mask+tree --stage r2d --suites world,recovery
+    python scripts/record_arm.py --table midtrain_transfer --arm "base input" --stage sft --keys data.midtrain.commit_kinds,sft.input --probe
 """
 import argparse, json, math
 from pathlib import Path
@@ -18,17 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def se(p, n): return round(math.sqrt(p * (1 - p) / n), 4) if n else None
 
 
-def row(stage: str, arm: str, suites: tuple = ("world",)) -> dict:
+def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), probe: bool = False) -> dict:
     params = yaml.safe_load((ROOT/"params.yaml").read_text())
     run = json.loads((ROOT/"metrics"/f"{stage}.json").read_text()) if (ROOT/"metrics"/f"{stage}.json").exists() else {}
     out = {"arm": arm, "seed": params["base"]["seed"], "stage": stage, "params": params.get(stage, {})}
+    for key in keys:            # other sections' parameters that tell the arm apart, e.g. data.midtrain.commit_kinds
+        v = params
+        for part in key.split("."): v = v[part]
+        out[key] = v
     for suite in suites:       # world's keys unprefixed (the RFT tables), other suites' as `<suite>/...`
         m, pre = json.loads((ROOT/"metrics"/stage/f"{suite}.json").read_text()), "" if suite == "world" else f"{suite}/"
         for key, n in (("resolve_rate", m["tasks"] - m["env_errors"]), ("seen_kinds/resolve_rate", m.get("seen_kinds/tasks")),
                        ("unseen_kinds/resolve_rate", m.get("unseen_kinds/tasks"))):
             if m.get(key) is not None: out[pre + key], out[pre + key.replace("resolve_rate", "se")] = m[key], se(m[key], n)
         out[pre + "tool_error_rate"] = m.get("tool_error_rate")
-        out.update({pre + k: v for k, v in m.items() if k.startswith("variant/")})
+        out.update({pre + k: v for k, v in m.items() if k.startswith(("variant/", "edit_turn/"))})
+    if probe:                   # the midtrain stage's probe (fix-token loss and exact rate on unseen commits) for this arm's data
+        pr = json.loads((ROOT/"metrics"/"midtrain.json").read_text()).get("probe", {})
+        for model, groups in pr.items():
+            for g in ("trained", "held_out"):
+                if g in groups: out[f"probe/{model}/{g}/loss"], out[f"probe/{model}/{g}/exact"] = groups[g]["loss"], groups[g]["exact"]
     if "card" in run: out["masked_share"], out["rows"] = run["card"].get("masked_share"), run["card"].get("rows")
     for k in ("rft_steps", "rollouts_this_run", "stopped_this_run", "corrected_this_run", "generated_tokens_this_run", "saved_share",
               "reward_first", "reward_last", "train_steps", "epochs", "seconds", "rollout_seconds", "update_seconds"):
@@ -45,10 +55,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", required=True); ap.add_argument("--arm", required=True); ap.add_argument("--stage", default="rft")
     ap.add_argument("--suites", default="world", help="comma-separated eval suites of the stage's checkpoint to record (world first)")
+    ap.add_argument("--keys", default="", help="comma-separated dotted params.yaml keys to record beside the stage's own section")
+    ap.add_argument("--probe", action="store_true", help="record the midtrain probe (metrics/midtrain.json) too")
     a = ap.parse_args()
     path = ROOT/"metrics"/"ablations"/f"{a.table}.json"
     table = json.loads(path.read_text()) if path.exists() else {"table": a.table, "rows": []}
-    r = row(a.stage, a.arm, tuple(a.suites.split(",")))
+    r = row(a.stage, a.arm, tuple(a.suites.split(",")), tuple(k for k in a.keys.split(",") if k), a.probe)
     table["rows"] = [x for x in table["rows"] if (x["arm"], x["seed"]) != (r["arm"], r["seed"])] + [r]
     path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(table, indent=2) + "\n")
     print(json.dumps({k: v for k, v in r.items() if k != "params"}))

@@ -16,7 +16,7 @@ from kat_nb.instructions import CHECKS, check_instruction, instruction_rows, ins
 FIXTURES = repo_root()/"data"/"fixtures"
 TINY_WORLD = {"n_train": 8, "n_valid": 2, "n_test": 3, "held_out_bug_kinds": ["wrong_variable"]}
 TINY_MT = {"stdlib_files": 4, "chunk_chars": 1500, "stdlib_diffs": 6, "reasoning": 12, "instructions": 12, "agentic": 8,
-           "valid_fraction": 0.2, "dedup_threshold": 0.8, "dedup_num_perm": 32, "shingle_words": 5}
+           "valid_fraction": 0.2, "dedup_threshold": 0.8, "dedup_num_perm": 32, "shingle_words": 5, "probe_per_kind": 1}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,16 @@ def test_build_data_deterministic(tmp_path):
         assert r["component"] in card["components"]
         assert ("text" in r) != ("messages" in r)
         if "messages" in r: assert isinstance(r["tools"], list)
-    # the held-out bug kind never appears in training data
+    # the held-out bug kind never appears in a task or a trajectory; the commits hold it by default (commits broad,
+    # trajectories narrow: data.midtrain.commit_kinds all), and not at all with commit_kinds: trained
     train_kinds = {t["meta"]["bug_kind"] for t in read_jsonl(tmp_path/"a"/"world"/"train.jsonl")}
-    assert "wrong_variable" not in train_kinds
-    assert not any(r["text"].startswith("commit ") and "wrong variable" in r["text"] for r in rows if "text" in r)
+    assert "wrong_variable" not in train_kinds and "wrong_variable" not in card["kinds"]["agentic"]
+    commit = lambda rows: any(r["text"].startswith("commit ") and "wrong variable" in r["text"] for r in rows if "text" in r)
+    assert commit(rows) and "wrong_variable" in card["kinds"]["diff"]
+    narrow = build_data(tmp_path/"c", 0, TINY_WORLD, {**TINY_MT, "commit_kinds": "trained"})
+    assert not commit(read_jsonl(tmp_path/"c"/"midtrain"/"train.jsonl")) and "wrong_variable" not in narrow["kinds"]["diff"]
+    probe = list(read_jsonl(tmp_path/"c"/"midtrain"/"probe.jsonl"))   # the probe still scores every kind, marked
+    assert probe and all(r["in_commits"] == (r["kind"] != "wrong_variable") for r in probe)
 
 
 # --- instruction following ---------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
         assert f"Running stage '{stage}'" in r.stdout, r.stdout
     m = json.loads((smoke_repo/"metrics"/"midtrain.json").read_text())
     assert m["val_loss_end"] < m["val_loss_start"], m
+    # the probe of what the commits taught: unseen commits of every kind, scored for the checkpoint and the model it started from
+    assert {"midtrain", "base"} <= set(m["probe"]) and {"trained", "held_out"} <= set(m["probe"]["midtrain"]), m["probe"]
+    assert m["probe"]["midtrain"]["trained"]["loss"] < m["probe"]["base"]["trained"]["loss"], m["probe"]
+    kinds = json.loads((smoke_repo/"data"/"cards"/"midtrain.json").read_text())["kinds"]     # commits broad, trajectories narrow
+    assert "wrong_variable" in kinds["diff"] and "wrong_variable" in kinds["test"] and "wrong_variable" not in kinds["agentic"], kinds
     rec = json.loads((smoke_repo/"metrics"/"midtrain.run.json").read_text())
     assert rec["profile"] == "smoke" and rec["seed"] == 0 and rec["versions"]["torch"].startswith("2.13") and rec["git"] != "unknown"
     assert (smoke_repo/"dvclive"/"midtrain"/"metrics.json").exists()
@@ -94,6 +99,7 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     assert sft["val_loss_end"] < sft["val_loss_start"] and (smoke_repo/"data"/"sft"/"coverage.json").exists(), sft
     world = json.loads((smoke_repo/"metrics"/"sft"/"world.json").read_text())
     assert "resolve_rate" in world and world["unseen_kinds/tasks"] >= 1 and world["seen_kinds/tasks"] >= 1, world   # the held-out kind apart
+    assert 0 <= world["edit_turn/exact"] <= 1 and world["edit_turn/tasks"] == world["tasks"], world   # the teacher-forced diagnosis
     assert set(json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_by_kind"]["sft"]) == {"seen", "unseen"}
     rft = json.loads((smoke_repo/"metrics"/"rft.json").read_text())                # RFT from the SFT checkpoint, scored by eval
     assert rft["rft_steps"] == 2 and rft["rollouts_this_run"] == 8 and rft["references"]["references_min"] >= 4, rft
@@ -116,9 +122,10 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     assert "Running stage" not in r2.stdout and time.time() - t0 < 60, r2.stdout
 
     _sh(["git", "add", "-A"], smoke_repo); _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock"], smoke_repo)
-    r3 = _sh(["dvc", "exp", "run", "-S", "midtrain.learning_rate=0.002"], smoke_repo)
+    r3 = _sh(["dvc", "exp", "run", "-S", "midtrain.learning_rate=0.002", "-S", "sft.input=base"], smoke_repo)
     for stage in ("midtrain", "sft", "rft", "r2d"): assert f"Running stage '{stage}'" in r3.stdout, r3.stdout   # and its dependents
     for stage in ("data", "tokenizer"): assert f"Running stage '{stage}'" not in r3.stdout, r3.stdout
+    assert 'input = "base"' in (smoke_repo/"runs"/"04_sft.ipynb").read_text()   # SFT from the untrained model (the mid-training ablation)
 
 
 @pytest.mark.xdist_group("pipeline")
