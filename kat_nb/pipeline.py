@@ -223,6 +223,7 @@ BENCHES = {  # name -> "module:function"
     "sft": "kat_nb.sft:bench_sft",
     "sft-tree": "kat_nb.sft:bench_sft_tree",
     "rft": "kat_nb.rft:bench_rft",
+    "rl": "kat_nb.rl:bench_rl",
 }
 
 def format_table(rows:list[dict]) -> str:
