@@ -68,7 +68,7 @@ def evaluate_humaneval(policy, limit:int|None=None, timeout:float=10.0) -> tuple
     passed = sum(r["passed"] for r in results)
     return {"problems": len(results), "passed": passed, "pass@1": round(passed / len(results), 4)}, results
 
-# %% ../nbs/lib/11_eval.ipynb #6b18a7cc
+# %% ../nbs/lib/11_eval.ipynb #08ae4568
 def edit_turn_target(tok, rec:dict) -> tuple[list[int], int, int]|None:
     "Token ids of a teacher trajectory up to the end of its `edit` turn, and the [start, end) of that turn's tokens (None: no edit)."
     edit = next((st["message_index"] for st in rec["steps"] if st["tool"] == "edit"), None)
@@ -77,7 +77,10 @@ def edit_turn_target(tok, rec:dict) -> tuple[list[int], int, int]|None:
     ids = lambda msgs, gen: list(tok.apply_chat_template(msgs, tools=tools, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
     prompt, full = ids(rec["messages"][:edit], True), ids(rec["messages"][:edit + 1], False)
     if full[:len(prompt)] != prompt: raise ValueError(f"task {rec.get('task_id')}: the chat template does not extend the prompt at the edit turn")
-    return full, len(prompt), len(full)
+    end, b = tok.convert_tokens_to_ids("<|im_end|>"), len(full)      # the turn ends at its <|im_end|>: the template's newline
+    while b > len(prompt) and full[b - 1] != end: b -= 1               # after it is glue the policy never writes (no SFT loss)
+    if b == len(prompt): b = len(full)                                 # a template without <|im_end|>: all of the rendering
+    return full[:b], len(prompt), b
 
 def edit_turn_accuracy(model_dir:str|Path, tasks:list, unseen:set=frozenset()) -> dict:
     "`edit_turn/exact` (+ over seen and unseen kinds): share of `tasks` whose teacher edit turn the greedy prediction gets all right."

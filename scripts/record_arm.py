@@ -7,6 +7,9 @@ run wrote (`metrics/<stage>.json`, `metrics/<stage>/world.json`, `params.yaml`) 
     python scripts/record_arm.py --table rft_references --arm multi --stage rft
     python scripts/record_arm.py --table r2d_ablations --arm mask+tree --stage r2d --suites world,recovery
     python scripts/record_arm.py --table midtrain_transfer --arm "base input" --stage sft --keys data.midtrain.commit_kinds,sft.input --probe
+
+`--edit-turn` scores the teacher-forced diagnosis (`kat_nb.eval.edit_turn_accuracy`) of `models/<stage>` again with the
+code of today, for arms whose world evaluation ran before a fix to that metric (the row says `edit_turn/recomputed`).
 """
 import argparse, json, math
 from pathlib import Path
@@ -19,7 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def se(p, n): return round(math.sqrt(p * (1 - p) / n), 4) if n else None
 
 
-def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), probe: bool = False) -> dict:
+def edit_turn(stage: str, params: dict) -> dict:
+    "The edit-turn metrics of models/<stage> on the held-out split, computed now."
+    from kat_nb.eval import edit_turn_accuracy
+    from kat_nb.world import Task
+    w = params["data"]["world"]
+    tasks = [Task.from_dict(json.loads(l)) for l in (ROOT/"data"/"world"/"test.jsonl").read_text().splitlines()]
+    tasks = tasks[:params.get("eval", {}).get("world_tasks") or len(tasks)]
+    return edit_turn_accuracy(ROOT/"models"/stage, tasks, set(w.get("held_out_bug_kinds") or ())) | {"edit_turn/recomputed": True}
+
+
+def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), probe: bool = False, recompute_edit_turn: bool = False) -> dict:
     params = yaml.safe_load((ROOT/"params.yaml").read_text())
     run = json.loads((ROOT/"metrics"/f"{stage}.json").read_text()) if (ROOT/"metrics"/f"{stage}.json").exists() else {}
     out = {"arm": arm, "seed": params["base"]["seed"], "stage": stage, "params": params.get(stage, {})}
@@ -39,6 +52,7 @@ def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), prob
         for model, groups in pr.items():
             for g in ("trained", "held_out"):
                 if g in groups: out[f"probe/{model}/{g}/loss"], out[f"probe/{model}/{g}/exact"] = groups[g]["loss"], groups[g]["exact"]
+    if recompute_edit_turn: out.update(edit_turn(stage, params))
     if "card" in run: out["masked_share"], out["rows"] = run["card"].get("masked_share"), run["card"].get("rows")
     for k in ("rft_steps", "rollouts_this_run", "stopped_this_run", "corrected_this_run", "generated_tokens_this_run", "saved_share",
               "reward_first", "reward_last", "train_steps", "epochs", "seconds", "rollout_seconds", "update_seconds"):
@@ -57,10 +71,11 @@ if __name__ == "__main__":
     ap.add_argument("--suites", default="world", help="comma-separated eval suites of the stage's checkpoint to record (world first)")
     ap.add_argument("--keys", default="", help="comma-separated dotted params.yaml keys to record beside the stage's own section")
     ap.add_argument("--probe", action="store_true", help="record the midtrain probe (metrics/midtrain.json) too")
+    ap.add_argument("--edit-turn", action="store_true", help="score edit_turn/* of models/<stage> again with today's code")
     a = ap.parse_args()
     path = ROOT/"metrics"/"ablations"/f"{a.table}.json"
     table = json.loads(path.read_text()) if path.exists() else {"table": a.table, "rows": []}
-    r = row(a.stage, a.arm, tuple(a.suites.split(",")), tuple(k for k in a.keys.split(",") if k), a.probe)
+    r = row(a.stage, a.arm, tuple(a.suites.split(",")), tuple(k for k in a.keys.split(",") if k), a.probe, a.edit_turn)
     table["rows"] = [x for x in table["rows"] if (x["arm"], x["seed"]) != (r["arm"], r["seed"])] + [r]
     path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(table, indent=2) + "\n")
     print(json.dumps({k: v for k, v in r.items() if k != "params"}))
