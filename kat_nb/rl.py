@@ -219,7 +219,7 @@ def rollout_entropy(gb:GrpoBatch, pair_entropy) -> list[float]:
     e = pair_entropy.detach().float().cpu().tolist()
     return [sum(e[j] for j in ps) / len(ps) if ps else 0.0 for ps in gb.branch_pairs]
 
-# %% ../nbs/lib/15_rl.ipynb #9d28836a
+# %% ../nbs/lib/15_rl.ipynb #2698a1c6
 def _variants(messages:list[dict], G:int, branching:bool) -> list[list[dict]]:
     "G copies of an episode that differ from the first assistant turn on (or branch in two at each of the first log2 G turns)."
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -235,7 +235,7 @@ def _variants(messages:list[dict], G:int, branching:bool) -> list[list[dict]]:
 
 def bench_rl(quick:bool=False,          # one task, the small model, one timed repeat (seconds); else the benchmark (minutes)
              group_sizes:tuple=(4, 8, 16),
-             n_tasks:int|None=None,     # tasks, G rollouts each (default 1 quick, 4 full)
+             n_tasks:int|None=None,     # tasks, G rollouts each (default 1 quick, 2 full: ~8 min on 2 cores)
              max_tokens:int=4096,       # row budget of both settings
              repeats:int|None=None,     # timed updates per setting (median)
              seed:int=0,
@@ -247,7 +247,7 @@ def bench_rl(quick:bool=False,          # one task, the small model, one timed r
     from kat_nb.model import train_tokenizer, row_text
     from kat_nb.rft import episode_tokens
     from kat_nb.tree import BENCH_MODEL, tiny_qwen3, peak_rss_mb
-    n_tasks, repeats = n_tasks or (1 if quick else 4), repeats or (1 if quick else 3)
+    n_tasks, repeats = n_tasks or (1 if quick else 2), repeats or (1 if quick else 2)
     recs = [teacher_trajectory(t) for t in make_world(seed, n_tasks, 1, 1)["train"][:n_tasks]]
     tok = train_tokenizer([row_text(r) for r in recs] * 4, vocab_size=1024)
     cfg = BENCH_MODEL["quick" if quick else "full"]
