@@ -37,7 +37,7 @@ def rollout_groups(tasks:list, policy,
              "format_errors": sum(r["finish"] == "format_errors" for r in out), "seconds": round(time.time() - t0, 2)}
     return out, stats
 
-# %% ../nbs/lib/15_rl.ipynb #d0efe720
+# %% ../nbs/lib/15_rl.ipynb #b3753ff1
 @dataclass
 class GrpoBatch:
     "Trie-packed rollouts: the collated tree batch and, per loss pair, the weights W+, W-, W (see the objective above)."
@@ -79,15 +79,13 @@ def grpo_batch(seqs:list[dict],            # rollouts: `input_ids`, `loss_mask` 
     import torch
     w = rollout_weights(seqs, advantages, normalize)
     trees = build_trees(seqs) if share else [build_trees([s])[0] for s in seqs]
-    keyed, base = [], 0                         # a policy token (tree, node, offset) -> its key + 1 in the w_tok channel
-    for ti, t in enumerate(trees):
-        w_tok = []
+    keyed, node_key, base = [], [], 0           # a policy token (tree, node, offset) -> node_key[tree][node] + offset
+    for t in trees:
+        w_tok, keys = [], []
         for n, toks in enumerate(t.tokens):        # w_seq > 0: some rollout's policy token; the rest are no pairs (w 0)
-            w_tok.append([float(base + k + 1) if t.w_seq[n][k] else 0.0 for k in range(len(toks))]); base += len(toks)
+            keys.append(base); w_tok.append([float(base + k + 1) if t.w_seq[n][k] else 0.0 for k in range(len(toks))]); base += len(toks)
         keyed.append(Tree(t.tokens, t.parent, t.start, t.count, w_tok, t.w_seq, t.kind, t.owned, t.n_branches, t.tokenizer))
-    offset = [0]
-    for t in trees: offset.append(offset[-1] + t.n_tokens)
-    node_base = [[sum(map(len, t.tokens[:n])) for n in range(len(t.tokens))] for t in trees]
+        node_key.append(keys)
     rows = pack_rows(keyed, max_tokens)
     batch = collate_tree_rows(rows)
     pair_key = [int(k) - 1 for r in rows for k in r["pair_w_tok"]]
@@ -99,7 +97,7 @@ def grpo_batch(seqs:list[dict],            # rollouts: `input_ids`, `loss_mask` 
     for b, (s, a) in enumerate(zip(seqs, advantages)):
         ti = root_of[s["input_ids"][0]] if share else b
         path = _branch_path(trees[ti], s["input_ids"], kids[ti])
-        mine = [pair_of[offset[ti] + node_base[ti][n] + k] for p, (n, k) in enumerate(path) if p and s["loss_mask"][p]]
+        mine = [pair_of[node_key[ti][n] + k] for p, (n, k) in enumerate(path) if p and s["loss_mask"][p]]
         for j in mine:
             w_pos[j] += w[b] * max(a, 0.0); w_neg[j] += w[b] * min(a, 0.0); w_all[j] += w[b]
         branch_pairs.append(mine)
