@@ -13,8 +13,8 @@ from .core import repo_root, from_root
 
 # %% auto #0
 __all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParams', 'HFSource', 'DataParams', 'TokenizerParams',
-           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'R2dParams', 'EvalParams',
-           'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params',
+           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'R2dParams', 'RlParams',
+           'EvalParams', 'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params',
            'stage_parameters', 'stage_dirs']
 
 # %% ../nbs/lib/01_config.ipynb #1d8232f5
@@ -264,6 +264,55 @@ class R2dParams(MidtrainParams):
     turn_weights: Optional[dict[str, float]] = None   # {tool: loss weight} of assistant turns calling it, as `sft.turn_weights`
     merge: float = Field(1.0, ge=0, le=1)         # final weights = input + merge x (trained - input) (WiSE-FT); 1.0: the trained weights
 
+class RlParams(_Section):
+    "Stage 5, agentic RL (kat_nb.rl): GRPO on episodes of the environment, trie-packed updates, advantage reshaping, entropy pruning."
+    input: Literal["r2d", "rft", "sft"] = "r2d"       # the checkpoint it starts from (the curriculum's latest stage)
+    select: Literal["all", "unsolved"] = "unsolved"   # train tasks: the seeded order, or those the input fails greedily first (of `candidates` probed)
+    candidates: int = Field(128, ge=1)                # tasks the greedy probe runs (select: unsolved)
+    steps: int = Field(10, ge=1)                      # RL steps: one generation of tasks_per_step x group_size episodes and its update(s)
+    tasks_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2)                  # G episodes per task (GRPO's group; a power of branch_factor times the roots)
+    branch_factor: int = Field(1, ge=1)               # continuations sampled from each episode at branch_turn (1: G independent episodes)
+    branch_turn: int = Field(1, ge=1)                 # assistant turns the branches share before they split
+    epochs: int = Field(1, ge=1)                      # updates per generation (> 1: importance ratios from the rollout policy, the clip bites)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)                # updates
+    max_grad_norm: float = Field(1.0, gt=0)
+    kl_coef: float = Field(0.04, ge=0)                # beta of the k3 KL term to the input checkpoint (0: no reference forward)
+    clip_low: float = Field(0.2, gt=0, lt=1)          # the ratio's clip range [1 - clip_low, 1 + clip_high]
+    clip_high: float = Field(0.28, gt=0)              # DAPO's clip-higher: room for unlikely tokens to grow
+    normalize: Literal["token", "sequence"] = "token" # token: one mean over the step's policy tokens | sequence: GRPO's mean of per-episode means
+    scale_rewards: bool = True                        # divide advantages by the group's standard deviation
+    skip_uniform: bool = True                         # groups whose rewards are all equal (advantage 0) are left out of the update
+    lam: float = Field(0.5, ge=0)                     # reshaping: alpha = 1 + lam (D_i - mean D), D_i = 1 - the group's pass rate (0: off)
+    mu: float = Field(0.5, ge=0)                      # reshaping: beta = 1 + mu (H_ij - mean_j H), H = the episode's mean token entropy (0: off)
+    reshape_clip: tuple[float, float] = (0.5, 1.5)    # clip range of alpha and beta
+    prune_keep: float = Field(1.0, gt=0, le=1)        # entropy pruning: share of the step's packed tokens the update keeps (1.0: off)
+    temperature: float = Field(0.7, gt=0)             # sampling temperature of the rollouts (the loss's logits are the model's own)
+    max_new_tokens: int = Field(128, ge=8)            # per assistant turn
+    max_turns: int = Field(8, ge=1)
+    max_chars: int = Field(12000, ge=500)
+    max_format_errors: Optional[int] = Field(2, ge=1)
+    tool_timeout: float = Field(10.0, gt=0)
+    rollout_batch_size: int = Field(64, ge=1)         # episodes generated together
+    max_completion_tokens: int = Field(1400, ge=16)   # an episode's tokens after the prompt that the loss sees
+    row_tokens: int = Field(4096, ge=64)              # token budget of a packed row of the update
+    reward_weights: dict[Literal["tests", "format", "reference"], float] = {"tests": 1.0, "format": 0.1, "reference": 0.0}
+    turn_cost: float = Field(0.02, ge=0)              # subtracted per assistant turn from a passing episode's reward: the shorter fix wins its group
+    save_every: int = Field(2, ge=1)                  # checkpoint every this many RL steps (resume after a kill)
+    use_cpu: bool = True
+
+    @model_validator(mode="after")
+    def _shape(self):
+        b = self.branch_factor
+        if self.group_size % b:
+            raise ValueError(f"group_size {self.group_size} is not a multiple of branch_factor {b}")
+        lo, hi = self.reshape_clip
+        if not 0 < lo <= 1 <= hi: raise ValueError(f"reshape_clip must hold 1 with a positive low end, got [{lo}, {hi}]")
+        if set(self.reward_weights) != {"tests", "format", "reference"}:
+            raise ValueError(f"reward_weights needs tests, format and reference (got {sorted(self.reward_weights)})")
+        return self
+
 class EvalParams(_Section):
     "`eval:` the checkpoints × suites matrix."
     checkpoints: list[str] = ["base", "midtrain"]   # model folders under models/ scored by the eval matrix
@@ -297,6 +346,7 @@ class Params(_Section):
     sft: SftParams = SftParams()
     rft: RftParams = RftParams()
     r2d: R2dParams = R2dParams()
+    rl: RlParams = RlParams()
     eval: EvalParams = EvalParams()
     policy: PolicyParams = PolicyParams()
 
@@ -381,6 +431,7 @@ STAGES = {  # stage -> (its own section, other sections it reads); the order is 
     "sft": ("sft", ("model",)),
     "rft": ("rft", ("policy",)),
     "r2d": ("r2d", ("model",)),
+    "rl": ("rl", ("policy",)),
     "eval": ("eval", ("model", "policy")),
     "report": ("eval", ()),
 }

@@ -67,6 +67,14 @@ class Episode:
         if not self.done and max_format_errors and self.format_errors >= max_format_errors: self.done, self.finish = True, "format_errors"
         if not self.done and self.turns >= max_turns: self.done, self.finish = True, "max_turns"
 
+    def fork(self) -> "Episode":
+        "A copy that goes on independently: its own workspace (a copy of this one's files), history and token stream."
+        import copy
+        e = copy.copy(self)                    # the same class (the IDE harness's episode too), every field its own copy
+        e.__dict__.update({k: copy.deepcopy(v) for k, v in vars(self).items() if k not in ("task", "ws")})
+        e.ws = self.ws.fork()
+        return e
+
     def _observe(self, tool, observation, exit_code, status):
         self.messages.append({"role": "tool", "name": tool, "content": observation})
         self.steps.append({"message_index": self._turn_index, "tool": tool, "status": status, "exit_code": exit_code})
@@ -88,13 +96,24 @@ def run_episodes(tasks:list[Task], policy:Policy,
                  monitor:Callable[[list[Episode]], None]|None=None, # after every round of turns, sees the live episodes: may end one (done + finish) or take a turn in its place (RFT's drift correction)
                  tool_workers:int=4,        # threads executing a round's tool calls (each episode has its own workspace and sandbox)
                  start:Callable[[Task, float], Episode]|None=None, # the episode of a task (default `Episode.start`; the IDE harness: `kat_nb.ide.IdeEpisode.start`)
+                 branch:tuple[int, int]|None=None, # (b, T): each run of b consecutive listings of one task is one episode that forks into b after T turns (RL's tree rollouts)
                 ) -> list[dict]:
     """Run `policy` on every task through the real environment; one trajectory record per task, in order (a task listed
     G times is G episodes: a GRPO group). A policy that stops producing tool calls is done: after `max_format_errors`
     such turns in a row the episode ends (finish `format_errors`), the way agent harnesses stop requerying a model after
     repeated format errors (SWE-agent's requery limit). An untrained checkpoint then costs 2 turns per task instead of
-    `max_turns`."""
+    `max_turns`.
+
+    With `branch=(b, T)` the b listings of a task that follow one another share their first T turns: one episode runs
+    them and then forks (`Episode.fork`: a copy of its workspace, history and token stream; a policy with a `fork`
+    method, as `HFPolicy` with the cross-turn cache, copies its state too), so a GRPO group of G = (G/b) x b episodes
+    forms a prefix tree whose shared turns were sampled once and are trained once (`kat_nb.rl`)."""
     t0, start = time.time(), start or Episode.start
+    b, T = branch or (1, 0)
+    if b > 1:
+        if len(tasks) % b or any(tasks[i].id != tasks[j].id for i in range(0, len(tasks), b) for j in range(i, i + b)):
+            raise ValueError(f"run_episodes: branch factor {b} needs runs of {b} consecutive listings of one task")
+        if T < 1: raise ValueError(f"run_episodes: branch turn must be >= 1, got {T}")
     eps, records, checked = [], [None] * len(tasks), {}
     for i, t in enumerate(tasks):
         if t.id not in checked: checked[t.id] = run_hidden_tests(t, t.solutions[0]) if t.solutions else None
@@ -103,16 +122,24 @@ def run_episodes(tasks:list[Task], policy:Policy,
             why = "no reference solution" if ref is None else f"hidden tests fail on the reference solution: {(ref.stdout + ref.stderr)[-300:]}"
             ep = start(t, tool_timeout); ep.done, ep.finish = True, "env_error"; ep.ws.close()
             records[i] = _record(ep, policy.name, False, why, 0.0) | ({"files": None} if keep_files else {})
+        elif b > 1 and i % b: continue                     # the fork of the run's first episode takes this listing's place
         else: eps.append((i, start(t, tool_timeout)))
     pool = ThreadPoolExecutor(tool_workers) if tool_workers > 1 else None
     each = (lambda f, xs: list(pool.map(f, xs))) if pool else (lambda f, xs: [f(x) for x in xs])   # tools wait on subprocesses: threads overlap them
     try:
-        while (live := [e for _, e in eps if not e.done]):
-            texts = policy.act(live)
-            each(lambda i: live[i].step(texts[i], max_turns, max_format_errors), range(len(live)))
-            for e in live:
-                if not e.done and sum(len(m["content"]) for m in e.messages) > max_chars: e.done, e.finish = True, "max_tokens"
-            if monitor is not None and (still := [e for e in live if not e.done]): monitor(still)
+        rounds = 0
+        while (live := [e for _, e in eps if not e.done]) or (b > 1 and rounds < T):
+            if live:
+                texts = policy.act(live)
+                each(lambda i: live[i].step(texts[i], max_turns, max_format_errors), range(len(live)))
+                for e in live:
+                    if not e.done and sum(len(m["content"]) for m in e.messages) > max_chars: e.done, e.finish = True, "max_tokens"
+                if monitor is not None and (still := [e for e in live if not e.done]): monitor(still)
+            rounds += 1
+            if b > 1 and rounds == T:                      # every run's first episode forks into b (an ended one into b copies)
+                kids = {i: [e.fork() for _ in range(b - 1)] for i, e in eps}
+                if hasattr(policy, "fork"): policy.fork({id(e): kids[i] for i, e in eps if not e.done})
+                eps = sorted(eps + [(i + k + 1, c) for i, _ in eps for k, c in enumerate(kids[i])], key=lambda x: x[0])
         def score(ie):
             i, e = ie; files = e.ws.files()
             resolved = e.finish == "submit" and run_hidden_tests(e.task, files, tool_timeout).ok
@@ -203,6 +230,11 @@ class HFPolicy:
                 outs.append(self.tok.decode([t for t in row if t != self.tok.pad_token_id], skip_special_tokens=False))
         return outs
 
+    def fork(self, children:dict[int, list[Episode]]):
+        "`run_episodes`' branching: each episode `id` in `children` forked into these copies; with the cross-turn cache, their rows copy its KV cache."
+        for c in self._cohorts:
+            if any(id(e) in children for e in c.eps): c.fork(children)
+
     def act(self, episodes:list[Episode]) -> list[str]:
         if self.cross_turn_cache: return _act_cached(self, episodes)
         return self.generate([self.prompt(e.messages, e.ws.tools()) for e in episodes])
@@ -222,6 +254,16 @@ class _Cohort:
         idx = torch.tensor(rows, dtype=torch.long)
         self.cache.batch_select_indices(idx); self.mask = self.mask[idx]
         self.eps, self.seen, self.pending = [self.eps[i] for i in rows], [self.seen[i] for i in rows], [self.pending[i] for i in rows]
+
+    def fork(self, children:dict[int, list[Episode]]):
+        "Rows for the forks of this cohort's episodes (`children`: id of an episode -> its copies), each a copy of its parent's row."
+        import torch
+        rows, eps = [], []
+        for i, e in enumerate(self.eps):
+            for x in [e] + children.get(id(e), []): rows.append(i); eps.append(x)
+        idx = torch.tensor(rows, dtype=torch.long)
+        if self.cache is not None: self.cache.batch_select_indices(idx); self.mask = self.mask[idx]
+        self.eps, self.seen, self.pending = eps, [self.seen[i] for i in rows], [list(self.pending[i]) for i in rows]
 
 def _glue(pol, e:Episode, seen:int, pending:list[int]) -> list[int]|None:
     "Token ids that follow the policy's last sampled token in `e`, or None when its history is not an extension of what it saw."

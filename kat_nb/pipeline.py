@@ -70,7 +70,7 @@ def check_parameters(nb_path:Path|str, expected:dict) -> dict:
 
 # %% ../nbs/lib/07_pipeline.ipynb #84c4839b
 log = logging.getLogger("kat_nb")
-SANDBOXED_STAGES = ("data", "sft", "rft", "r2d", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
+SANDBOXED_STAGES = ("data", "sft", "rft", "r2d", "rl", "eval")   # stages that execute task or model-written code (teacher runs, grid tasks, episodes)
 RANK_DIR = "build/ranks"
 SHARED_DIRS = ("data", "models")   # what every process of a multi-process run reads and trains into
 

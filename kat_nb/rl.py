@@ -21,20 +21,30 @@ def rollout_groups(tasks:list, policy,
                    references:dict|None=None,    # {task id: [reference, ...]}; None: each task's valid fixes
                    reward:dict|None=None,        # keyword arguments of `score_rollouts` (weights, aggregate, tau, patch_weight)
                    scale:bool=True,              # GRPO's division by the group's standard deviation
+                   turn_cost:float=0.0,          # subtracted per assistant turn from a resolved rollout's reward (of two fixes, the shorter wins)
+                   branch:tuple[int, int]|None=None, # (b, T): the group's episodes fork b ways after T turns (`run_episodes`), G / b roots
                    **env_kw,                     # `run_episodes` options: max_turns, max_chars, tool_timeout, max_format_errors
                   ) -> tuple[list[dict], dict]:
     "G episodes per task with final workspaces, reward parts and advantages; and the step's rollout stats."
     t0 = time.time()
     tasks = [t for t in tasks for _ in range(group_size)]
-    recs = run_episodes(tasks, policy, keep_files=True, **env_kw)
+    recs = run_episodes(tasks, policy, keep_files=True, branch=branch if branch and branch[0] > 1 else None, **env_kw)
     refs = [(references or {}).get(t.id) or task_references(t) for t in tasks]
     scores = score_rollouts(tasks, [r["messages"] for r in recs], [r["files"] for r in recs], refs,
                             resolved=[r["resolved"] for r in recs], **(reward or {}))
+    for r, s in zip(recs, scores):
+        s["turn_cost"] = turn_cost * r["turns"] if r["resolved"] else 0.0
+        s["reward"] -= s["turn_cost"]
     adv = grpo_advantages([s["reward"] for s in scores], group_size, scale=scale)
     out = [{**r, **s, "group": i // group_size, "advantage": a} for i, (r, s, a) in enumerate(zip(recs, scores, adv))]
+    won = [r for r in out if r["resolved"]]
+    calls = [len(m.get("tool_calls") or []) for r in out for m in r["messages"] if m.get("role") == "assistant"]
     stats = {"rollouts": len(out), "groups": len(out) // group_size, "resolved": sum(r["resolved"] for r in out) / len(out),
              "reward_mean": sum(s["reward"] for s in scores) / len(out), "informative_groups": informative_groups([s["reward"] for s in scores], group_size),
-             "format_errors": sum(r["finish"] == "format_errors" for r in out), "seconds": round(time.time() - t0, 2)}
+             "format_errors": sum(r["finish"] == "format_errors" for r in out), "turns": sum(r["turns"] for r in out) / len(out),
+             "resolved_turns": sum(r["turns"] for r in won) / len(won) if won else None,
+             "multi_call_turns": sum(c > 1 for c in calls) / max(1, len(calls)),   # parallel tool calls (the blog: RL made them appear)
+             "generated_tokens": getattr(policy, "generated_tokens", 0), "seconds": round(time.time() - t0, 2)}
     return out, stats
 
 # %% ../nbs/lib/15_rl.ipynb #b3753ff1

@@ -66,6 +66,12 @@ class Workspace:
         if not p.is_file(): raise ToolError(f"{rel}: no such file")
         return p.read_text(encoding="utf-8", errors="replace")
 
+    def fork(self) -> "Workspace":
+        "An independent copy: a new folder holding this one's tree, every other attribute copied (a subclass's state too)."
+        w = copy.copy(self); w.__dict__.update({k: copy.deepcopy(v) for k, v in vars(self).items() if k != "root"})
+        w.root = new_workspace("katnb-ws-"); shutil.copytree(self.root, w.root, symlinks=True, dirs_exist_ok=True)
+        return w
+
     def files(self) -> dict[str, str]:
         "The repository now (text files), e.g. to score it with the hidden tests; never through a link out of it."
         return {rel: p.read_text(encoding="utf-8", errors="replace")

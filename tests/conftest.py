@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def sft_repo(tmp_path_factory) -> Path:
     """A copy of the repository on the smoke profile with `dvc repro sft` done, for the kill-and-resume tests of the
-    stages after SFT (`rft`, `r2d`; both in the xdist group "pipeline", so one worker builds it once). Their profile keys
+    stages after SFT (`rft`, `r2d`, `rl`; both in the xdist group "pipeline", so one worker builds it once). Their profile keys
     are set here, before the first run: the profile is a dependency of every stage."""
     import yaml
     from test_pipeline import copy_repo, _sh
@@ -45,6 +45,7 @@ def sft_repo(tmp_path_factory) -> Path:
     prof = repo/"configs"/"profiles"/"smoke.yaml"
     p = yaml.safe_load(prof.read_text())
     p["rft"].update(steps=12, save_every=1)
+    p["rl"].update(steps=8, save_every=1)
     p["r2d"].update(max_steps=8, save_steps=1, eval_steps=4, model_tasks=0, own_misses=0, merge=0.5)   # no model episodes: the test is about training
     prof.write_text(yaml.safe_dump(p))
     _sh(["dvc", "repro", "sft"], repo)

@@ -81,7 +81,7 @@ def smoke_repo(tmp_path_factory):
 @pytest.mark.xdist_group("pipeline")
 def test_repro_then_nothing_then_only_dependents(smoke_repo):
     r = _sh(["dvc", "repro"], smoke_repo, timeout=1800)    # every stage and eval cell: ~12 min alone, more beside other tests
-    for stage in ("data", "tokenizer", "midtrain", "sft", "rft", "r2d", "eval@sft-world", "eval@rft-world", "eval@r2d-recovery",
+    for stage in ("data", "tokenizer", "midtrain", "sft", "rft", "r2d", "rl", "eval@rl-world", "eval@sft-world", "eval@rft-world", "eval@r2d-recovery",
                   "eval@r2d-ide", "baseline@recovery", "report"):
         assert f"Running stage '{stage}'" in r.stdout, r.stdout
     m = json.loads((smoke_repo/"metrics"/"midtrain.json").read_text())
@@ -108,11 +108,14 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
     r2d = json.loads((smoke_repo/"metrics"/"r2d.json").read_text())                # R2D from the SFT checkpoint, on deployment-like traces
     assert r2d["train_steps"] == 4 and r2d["card"]["teacher_ide"]["traces"] == 4 and r2d["card"]["recovery"]["resolved_share"] == 1.0, r2d
     assert (smoke_repo/"data"/"r2d"/"traces.jsonl").exists() and "r2d" in json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_resolve_rate"]
+    rl = json.loads((smoke_repo/"metrics"/"rl.json").read_text())                  # RL from the R2D checkpoint, scored by eval
+    assert rl["steps"] == 2 and rl["rollout_seconds"] > 0 and (smoke_repo/"dvclive"/"rl"/"metrics.json").exists(), rl
+    assert "rl" in json.loads((smoke_repo/"metrics"/"summary.json").read_text())["world_resolve_rate"]
     rec = json.loads((smoke_repo/"metrics"/"teacher"/"recovery.json").read_text())
     assert rec["resolve_rate"] == 1.0 and rec["variant/edit_fails/tasks"] + rec["variant/wrong_fix/tasks"] == rec["tasks"], rec
     # every stage that executes code records the isolation it ran under, and so does every evaluation's metrics
     want = "rlimits" if os.environ.get("KAT_NB_SANDBOX") == "rlimits" else "bwrap"
-    for rec in ("data.run.json", "sft.run.json", "rft.run.json", "sft/world.run.json", "teacher/humaneval.run.json"):
+    for rec in ("data.run.json", "sft.run.json", "rft.run.json", "rl.run.json", "sft/world.run.json", "teacher/humaneval.run.json"):
         assert json.loads((smoke_repo/"metrics"/rec).read_text())["sandbox"]["backend"] == want, rec
     for m in ("sft/world.json", "teacher/world.json", "sft/humaneval.json", "r2d/recovery.json"):
         assert json.loads((smoke_repo/"metrics"/m).read_text())["sandbox"]["backend"] == want, m
@@ -123,7 +126,7 @@ def test_repro_then_nothing_then_only_dependents(smoke_repo):
 
     _sh(["git", "add", "-A"], smoke_repo); _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock"], smoke_repo)
     r3 = _sh(["dvc", "exp", "run", "-S", "midtrain.learning_rate=0.002", "-S", "sft.input=base"], smoke_repo, timeout=1800)
-    for stage in ("midtrain", "sft", "rft", "r2d"): assert f"Running stage '{stage}'" in r3.stdout, r3.stdout   # and its dependents
+    for stage in ("midtrain", "sft", "rft", "r2d", "rl"): assert f"Running stage '{stage}'" in r3.stdout, r3.stdout   # and its dependents
     for stage in ("data", "tokenizer"): assert f"Running stage '{stage}'" not in r3.stdout, r3.stdout
     ran = json.loads((smoke_repo/"runs"/"04_sft.ipynb").read_text())["cells"]      # papermill's injected parameters
     assert any('input = "base"' in "".join(c["source"]) for c in ran), "sft.input=base did not reach the sft notebook"   # SFT from the untrained model

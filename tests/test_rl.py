@@ -91,3 +91,53 @@ def test_bench_rl_quick():
     for r in rows:
         assert r["max_grad_rel_err"] < 1e-4 and r["loss_rel_err"] < 1e-4 and r["step_s_tree"] > 0 and r["peak_mem_mb_tree"] >= 0
     assert rows[1]["ideal_ratio"] > rows[0]["ideal_ratio"] > 1
+
+
+def test_branching_rollouts_fork_workspaces():
+    "Forked episodes go on in their own workspaces: the scripted teacher's edits after the fork land once in each."
+    from kat_nb.env import TeacherPolicy, run_episodes
+    from kat_nb.world import make_world
+    tasks = make_world(0, 3, 1, 1)["train"][:2]
+    plain = run_episodes([t for t in tasks for _ in range(4)], TeacherPolicy(), keep_files=True)
+    tree = run_episodes([t for t in tasks for _ in range(4)], TeacherPolicy(), keep_files=True, branch=(2, 1))
+    assert [r["resolved"] for r in tree] == [r["resolved"] for r in plain] == [True] * 8
+    assert [r["messages"] for r in tree] == [r["messages"] for r in plain] and [r["files"] for r in tree] == [r["files"] for r in plain]
+    with pytest.raises(ValueError, match="runs of 2 consecutive listings"): run_episodes([tasks[0], tasks[1]], TeacherPolicy(), branch=(2, 1))
+
+
+def test_branching_copies_the_kv_cache():
+    "Greedy forks continue from a copy of their parent's cache rows: every token stream equals the unbranched run's."
+    from kat_nb.env import HFPolicy, run_episodes
+    from kat_nb.model import build_model, row_text, train_tokenizer
+    from kat_nb.world import make_world, teacher_trajectory
+    w = make_world(0, 4, 1, 1); tasks = w["train"][:2]
+    tok = train_tokenizer([row_text(teacher_trajectory(t)) for t in w["train"]] * 4, vocab_size=600)
+    torch.manual_seed(0)
+    model = build_model({"source": "config", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                         "head_dim": 32, "intermediate_size": 128}, tok)
+    def go(branch):
+        pol = HFPolicy(model, tok, max_new_tokens=12, batch_size=16, cross_turn_cache=True)
+        return run_episodes([t for t in tasks for _ in range(4)], pol, max_turns=3, max_format_errors=None, branch=branch)
+    plain, tree = go(None), go((2, 2))
+    assert all(r["turns"] == 3 for r in plain + tree)
+    assert [r["tokens"] for r in tree] == [r["tokens"] for r in plain] and [r["token_mask"] for r in tree] == [r["token_mask"] for r in plain]
+
+
+# --- the stage: kill -9, then dvc repro resumes ------------------------------------------------------------------
+
+@pytest.mark.xdist_group("pipeline")
+def test_killed_rl_resumes_from_its_last_checkpoint(sft_repo, tmp_path):
+    import json, yaml
+    from test_pipeline import kill_after_first_checkpoint, _sh
+    repo = sft_repo                                           # smoke profile, rl.steps 8, a checkpoint every step
+    p = yaml.safe_load((repo/"params.yaml").read_text()); p["rl"]["input"] = "sft"   # the fixture stops at SFT
+    (repo/"params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    saved = kill_after_first_checkpoint(["dvc", "repro", "rl"], repo, repo/"models"/"rl"/"checkpoints", tmp_path/"killed.log")
+    assert saved[-1] < 8, f"the run finished before the kill (checkpoints {saved}): nothing to resume"
+    r = _sh(["dvc", "repro", "rl"], repo)
+    out = r.stdout + r.stderr
+    assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
+    m = json.loads((repo/"metrics"/"rl.json").read_text())
+    assert m["steps"] == 8 and m["resumed_from"], m
+    steps = [int(float(r.split("\t")[0])) for r in (repo/"dvclive"/"rl"/"plots"/"metrics"/"rl"/"entropy.tsv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 9)), steps                 # one row per step: the killed run's tail was trimmed
