@@ -62,6 +62,19 @@ class GrpoBatch:
         self.batch = {k: v.to(device) for k, v in self.batch.items()}
         self.w_pos, self.w_neg, self.w_all = self.w_pos.to(device), self.w_neg.to(device), self.w_all.to(device)
         return self
+    def reweight(self, seqs:list[dict], advantages:list[float], normalize:str="sequence") -> "GrpoBatch":
+        "The same packed rollouts (`seqs`, in order) under other advantages, e.g. reshaped after a forward pass: W+, W-, W again, nothing re-packed."
+        import torch
+        ws = _pair_weights(len(self.w_all), self.branch_pairs, rollout_weights(seqs, advantages, normalize), advantages)
+        self.w_pos, self.w_neg, self.w_all = (torch.tensor(x, dtype=torch.float32, device=self.w_all.device) for x in ws)
+        return self
+
+def _pair_weights(P:int, branch_pairs:list[list[int]], w:list[float], advantages:list[float]) -> tuple[list, list, list]:
+    "W+, W-, W of every pair: the sums over the rollouts through it of w·max(A, 0), w·min(A, 0) and w."
+    w_pos, w_neg, w_all = [0.0] * P, [0.0] * P, [0.0] * P
+    for ps, wb, a in zip(branch_pairs, w, advantages):
+        for j in ps: w_pos[j] += wb * max(a, 0.0); w_neg[j] += wb * min(a, 0.0); w_all[j] += wb
+    return w_pos, w_neg, w_all
 
 def _branch_path(tree:Tree, ids:list[int], first_child:list[dict]) -> list[tuple[int, int]]:
     "(node, offset) of every position of `ids` in `tree` (its path found by its tokens)."
@@ -100,17 +113,14 @@ def grpo_batch(seqs:list[dict],            # rollouts: `input_ids`, `loss_mask` 
     batch = collate_tree_rows(rows)
     pair_key = [int(k) - 1 for r in rows for k in r["pair_w_tok"]]
     pair_of = {k: j for j, k in enumerate(pair_key)}
-    P = len(pair_key); w_pos, w_neg, w_all = [0.0] * P, [0.0] * P, [0.0] * P
     root_of = {t.tokens[0][0]: ti for ti, t in enumerate(trees)}
     kids = [[{t.tokens[c][0]: c for c in ch} for ch in t.children] for t in trees]
     branch_pairs = []
-    for b, (s, a) in enumerate(zip(seqs, advantages)):
+    for b, s in enumerate(seqs):
         ti = root_of[s["input_ids"][0]] if share else b
         path = _branch_path(trees[ti], s["input_ids"], kids[ti])
-        mine = [pair_of[node_key[ti][n] + k] for p, (n, k) in enumerate(path) if p and s["loss_mask"][p]]
-        for j in mine:
-            w_pos[j] += w[b] * max(a, 0.0); w_neg[j] += w[b] * min(a, 0.0); w_all[j] += w[b]
-        branch_pairs.append(mine)
+        branch_pairs.append([pair_of[node_key[ti][n] + k] for p, (n, k) in enumerate(path) if p and s["loss_mask"][p]])
+    P = len(pair_key); w_pos, w_neg, w_all = _pair_weights(P, branch_pairs, w, advantages)
     batch["pair_weight"] = torch.zeros(P)      # `tree_loss` serves the logits; the objective weighs them itself
     f = lambda x: torch.tensor(x, dtype=torch.float32)
     return GrpoBatch(batch, f(w_pos), f(w_neg), f(w_all), branch_pairs, int(batch["tokens_tree"]), int(batch["tokens_flat"]))
@@ -142,11 +152,12 @@ def grpo_loss(model, gb:GrpoBatch,
               ref_logp=None,               # per pair, from the frozen reference policy; needed when kl_coef > 0
               clip_low:float=0.2, clip_high:float=0.2, # epsilon of the ratio's clip range [1 - low, 1 + high]
               kl_coef:float=0.0,           # beta
+              pair_out:tuple|None=None,    # (logp, entropy) of a forward already run with gradients (`pair_logp(model, gb, entropy=True)`): reused, not run again
              ) -> tuple["torch.Tensor", dict]:
     "The GRPO loss of a trie-packed batch (equal to the unpacked per-rollout loss) and its statistics."
     import torch
     if kl_coef and ref_logp is None: raise ValueError("grpo_loss: kl_coef > 0 needs ref_logp (pair_logp of the reference model)")
-    logp, ent = pair_logp(model, gb, entropy=True)
+    logp, ent = pair_out if pair_out is not None else pair_logp(model, gb, entropy=True)
     ratio = (logp - (logp.detach() if old_logp is None else old_logp)).exp()
     loss = -clipped_surrogate(ratio, gb.w_pos, gb.w_neg, clip_low, clip_high).sum()
     tot = gb.w_all.sum().clamp_min(1e-30)

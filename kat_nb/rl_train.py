@@ -105,33 +105,35 @@ def rl_step(model, ref, opt, sched, tokenizer, tasks:list, rl:dict, device:str="
                               max_format_errors=rl["max_format_errors"])
     t1 = time.time(); model.train()
     seqs = [episode_sequence(r, tokenizer, rl["max_completion_tokens"]) for r in recs]
-    adv = [r["advantage"] for r in recs]
-    full = grpo_batch(seqs, adv, rl["row_tokens"], rl["normalize"]).to(device)
-    with torch.no_grad(): _, pent = pair_logp(model, full, entropy=True)
-    H = rollout_entropy(full, pent)
-    adv, alpha, beta = reshape_advantages(adv, [float(r["resolved"]) for r in recs], H, G, rl["lam"], rl["mu"], *rl["reshape_clip"])
-    rewards = [r["reward"] for r in recs]
-    use = [i for i in range(len(recs)) if not rl["skip_uniform"] or max(rewards[i // G * G:(i // G + 1) * G]) > min(rewards[i // G * G:(i // G + 1) * G])]
-    pruned = {"pruned_share": 0.0}
-    upd = [seqs[i] for i in use]
-    if use and rl["prune_keep"] < 1:
-        ent = _token_entropy(seqs, full, pent)
-        upd, pruned = prune_rollouts(upd, [ent[i] for i in use], rl["prune_keep"], G)
+    adv, rewards, N = [r["advantage"] for r in recs], [r["reward"] for r in recs], len(recs)
+    grp = lambda i: rewards[i // G * G:(i // G + 1) * G]
+    use = [i for i in range(N) if not rl["skip_uniform"] or max(grp(i)) > min(grp(i))]
+    H, pruned, upd = [0.0] * N, {"pruned_share": 0.0}, [seqs[i] for i in use]
+    if use and rl["prune_keep"] < 1:   # the pruning chooses by entropy before the update: a no-grad pass over the step's rollouts
+        full = grpo_batch(upd, [adv[i] for i in use], rl["row_tokens"], rl["normalize"]).to(device)
+        with torch.no_grad(): _, pent = pair_logp(model, full, entropy=True)
+        for i, h in zip(use, rollout_entropy(full, pent)): H[i] = h
+        upd, pruned = prune_rollouts(upd, _token_entropy(upd, full, pent), rl["prune_keep"], G)
     live = [k for k, s in enumerate(upd) if any(s["loss_mask"][1:])]
-    st, gn, loss_v, gb = {}, 0.0, 0.0, None
+    st, gn, loss_v, gb, alpha, beta = {}, 0.0, 0.0, None, [1.0] * N, [1.0] * N
     if live:
         gb = grpo_batch([upd[k] for k in live], [adv[use[k]] for k in live], rl["row_tokens"], rl["normalize"]).to(device)
-        with torch.no_grad():
-            ref_lp = pair_logp(ref, gb) if ref is not None else None
-            old_lp = pair_logp(model, gb) if rl["epochs"] > 1 else None
-        for _ in range(rl["epochs"]):
-            loss, st = grpo_loss(model, gb, old_lp, ref_lp, rl["clip_low"], rl["clip_high"], rl["kl_coef"])
+        out = pair_logp(model, gb, entropy=True)            # the update's forward; without pruning its entropies are H
+        if rl["prune_keep"] >= 1:
+            for k, h in zip(live, rollout_entropy(gb, out[1])): H[use[k]] = h
+        adv2, alpha, beta = reshape_advantages(adv, [float(r["resolved"]) for r in recs], H, G, rl["lam"], rl["mu"], *rl["reshape_clip"])
+        gb.reweight([upd[k] for k in live], [adv2[use[k]] for k in live], rl["normalize"])
+        with torch.no_grad(): ref_lp = pair_logp(ref, gb) if ref is not None else None
+        old_lp = out[0].detach() if rl["epochs"] > 1 else None
+        for e in range(rl["epochs"]):
+            loss, st = grpo_loss(model, gb, old_lp, ref_lp, rl["clip_low"], rl["clip_high"], rl["kl_coef"], pair_out=out if e == 0 else None)
             loss.backward()
             gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl["max_grad_norm"]))
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True); loss_v = float(loss.detach())
     t2 = time.time()
     sel = lambda xs: [xs[use[k]] for k in live] or [1.0]
-    return {"reward": rs["reward_mean"], "pass_rate": rs["resolved"], "entropy": sum(H) / len(H), "kl": st.get("kl", 0.0),
+    hs = [H[i] for i in use] or [0.0]
+    return {"reward": rs["reward_mean"], "pass_rate": rs["resolved"], "entropy": sum(hs) / len(hs), "kl": st.get("kl", 0.0),
             "alpha_mean": sum(sel(alpha)) / len(sel(alpha)), "beta_mean": sum(sel(beta)) / len(sel(beta)),
             "pruned_share": pruned["pruned_share"], "turns": rs["turns"], "resolved_turns": rs["resolved_turns"],
             "multi_call_turns": rs["multi_call_turns"], "seconds": t2 - t0, "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,

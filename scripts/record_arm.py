@@ -6,6 +6,7 @@ run wrote (`metrics/<stage>.json`, `metrics/<stage>/world.json`, `params.yaml`) 
 
     python scripts/record_arm.py --table rft_references --arm multi --stage rft
     python scripts/record_arm.py --table r2d_ablations --arm mask+tree --stage r2d --suites world,recovery
+    python scripts/record_arm.py --table rl_ablations --arm default --stage rl
     python scripts/record_arm.py --table midtrain_transfer --arm "base input" --stage sft --keys data.midtrain.commit_kinds,sft.input --probe
 
 `--edit-turn` scores the teacher-forced diagnosis (`kat_nb.eval.edit_turn_accuracy`) of `models/<stage>` again with the
@@ -47,6 +48,11 @@ def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), prob
             if m.get(key) is not None: out[pre + key], out[pre + key.replace("resolve_rate", "se")] = m[key], se(m[key], n)
         out[pre + "tool_error_rate"] = m.get("tool_error_rate")
         out.update({pre + k: v for k, v in m.items() if k.startswith(("variant/", "edit_turn/"))})
+        out[pre + "mean_turns"] = m.get("mean_turns")
+        recs = ROOT/"metrics"/stage/f"{suite}.records.jsonl"
+        if recs.exists():       # the turns a resolved episode took (RL's claim: fewer)
+            won = [r["turns"] for r in map(json.loads, recs.read_text().splitlines()) if r.get("resolved")]
+            out[pre + "resolved_mean_turns"] = round(sum(won) / len(won), 3) if won else None
     if probe:                   # the midtrain stage's probe (fix-token loss and exact rate on unseen commits) for this arm's data
         pr = json.loads((ROOT/"metrics"/"midtrain.json").read_text()).get("probe", {})
         for model, groups in pr.items():
@@ -55,7 +61,9 @@ def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), prob
     if recompute_edit_turn: out.update(edit_turn(stage, params))
     if "card" in run: out["masked_share"], out["rows"] = run["card"].get("masked_share"), run["card"].get("rows")
     for k in ("rft_steps", "rollouts_this_run", "stopped_this_run", "corrected_this_run", "generated_tokens_this_run", "saved_share",
-              "reward_first", "reward_last", "train_steps", "epochs", "seconds", "rollout_seconds", "update_seconds"):
+              "reward_first", "reward_last", "train_steps", "epochs", "seconds", "rollout_seconds", "update_seconds",
+              "steps", "seconds_this_run", "pass_rate_first", "pass_rate_last", "entropy_first", "entropy_last", "turns_first",
+              "turns_last", "resolved_turns_first", "resolved_turns_last", "kl_last", "pruned_share_mean", "ideal_token_ratio"):
         if k in run: out[k] = run[k]
     if run.get("rollouts_this_run"):
         out["early_stop_rate"] = round(run.get("stopped_this_run", 0) / run["rollouts_this_run"], 4)

@@ -263,3 +263,13 @@ def test_every_stage_notebook_takes_exactly_its_parameters(stage):
     "A key added to a params section must reach every stage notebook that reads the section (the report reads `eval:`)."
     params = load_params(ROOT/"params.yaml")
     check_parameters(stage_notebook(stage, ROOT), stage_parameters(stage, params, cell={k: "x" for k in MATRIX.get(stage, ())}))
+
+
+def test_eval_cells_depend_on_every_scalar_eval_key():
+    "The eval and baseline cells list every `eval:` key but the matrix's lists: a new key reruns them, a new checkpoint or suite does not."
+    from kat_nb.config import EvalParams
+    stages = yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"]
+    want = {f"eval.{k}" for k in EvalParams.model_fields} - {"eval.checkpoints", "eval.suites"}
+    for name in ("eval", "baseline"):
+        got = {p for p in stages[name]["params"] if isinstance(p, str) and p.startswith("eval")}
+        assert got == want, (name, sorted(got ^ want))

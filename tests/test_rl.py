@@ -141,3 +141,12 @@ def test_killed_rl_resumes_from_its_last_checkpoint(sft_repo, tmp_path):
     assert m["steps"] == 8 and m["resumed_from"], m
     steps = [int(float(r.split("\t")[0])) for r in (repo/"dvclive"/"rl"/"plots"/"metrics"/"rl"/"entropy.tsv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 9)), steps                 # one row per step: the killed run's tail was trimmed
+
+
+def test_reweight_equals_a_fresh_batch():
+    "Reshaped advantages laid on an already packed batch give the weights a batch packed with them would have."
+    seqs = random_branches(seed=4, n_branches=8, prefix=10, depth=2, seg=6, masked=True)
+    a1 = [random.Random(b).uniform(-1, 1) for b in range(8)]; a2 = [x * (1 + 0.1 * b) for b, x in enumerate(a1)]
+    for norm in ("sequence", "token"):
+        gb, ref = grpo_batch(seqs, a1, normalize=norm).reweight(seqs, a2, norm), grpo_batch(seqs, a2, normalize=norm)
+        for k in ("w_pos", "w_neg", "w_all"): assert torch.allclose(getattr(gb, k), getattr(ref, k)), (norm, k)
