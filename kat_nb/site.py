@@ -4,7 +4,7 @@
 
 # %% ../nbs/lib/09a_site.ipynb #61ff3b95
 from __future__ import annotations
-import json, re, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 import nbformat, yaml
 from .core import repo_root
@@ -280,10 +280,11 @@ def build_site(root:Path|None=None, out:Path|None=None, quarto:bool|None=None) -
         logging.disable(logging.ERROR)    # and nbformat's complaint about nbdev's own `has_sd` cell key, once per notebook
         try: proc = proc_nbs(root)
         finally: logging.disable(logging.NOTSET)
-    build = root/"build"; src, html = build/"docs-src", build/"docs"/"html"   # MyST-NB writes images next to the html folder
+    build = root/"build"; build.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="docs-", dir=build))   # a folder of this build's own: two builds at once (test workers) never share one
+    src, html = work/"docs-src", work/"docs"/"html"             # MyST-NB writes images next to the html folder
     assemble_site(root, src, proc)
     fix_anchors(src)
-    if html.parent.exists(): shutil.rmtree(html.parent)
     r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-j", "2", "-d", str(html.parent/"doctrees"),
                         str(src), str(html)], cwd=root, capture_output=True, text=True)
     (build/"docs-warnings.txt").write_text(r.stderr)
@@ -291,4 +292,5 @@ def build_site(root:Path|None=None, out:Path|None=None, quarto:bool|None=None) -
     (html/".nojekyll").touch()   # GitHub Pages serves _static/ and friends as they are
     if out.exists(): shutil.rmtree(out)
     shutil.copytree(html, out)
+    shutil.rmtree(work, ignore_errors=True)
     return out
