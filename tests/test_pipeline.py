@@ -73,6 +73,17 @@ def kill_after_first_checkpoint(args, repo: Path, ckpts: Path, log: Path) -> lis
     return saved
 
 
+def kill_then_resume(stage: str, repo: Path, log: Path, steps: int | None = None) -> tuple[list[int], dict]:
+    """`dvc repro <stage>` killed after its first checkpoint, then run again: asserts the rerun resumed from the last
+    checkpoint on disk (and, given the run's `steps`, that the kill came before the end); the saved steps and the metrics."""
+    saved = kill_after_first_checkpoint(["dvc", "repro", stage], repo, repo/"models"/stage/"checkpoints", log)
+    if steps is not None: assert saved[-1] < steps, f"the run finished before the kill (checkpoints {saved}): nothing to resume"
+    r = _sh(["dvc", "repro", stage], repo)
+    out = r.stdout + r.stderr
+    assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
+    return saved, json.loads((repo/"metrics"/f"{stage}.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory):
     return copy_repo(tmp_path_factory.mktemp("repo"))

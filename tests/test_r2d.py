@@ -1,19 +1,13 @@
 """The R2D stage end to end: a `dvc repro r2d` killed after its first checkpoint resumes from it (the library parts,
 error detection, subtrees and the masked loss, are tested in nbs/lib/18_ide and 19_r2d)."""
-import json
 import pytest
 
 
 @pytest.mark.xdist_group("pipeline")
 def test_killed_r2d_resumes_from_its_last_checkpoint(sft_repo, tmp_path):
-    from test_pipeline import kill_after_first_checkpoint, _sh
+    from test_pipeline import kill_then_resume
     repo = sft_repo                                           # smoke profile, r2d.max_steps 8, a checkpoint every step
-    saved = kill_after_first_checkpoint(["dvc", "repro", "r2d"], repo, repo/"models"/"r2d"/"checkpoints", tmp_path/"killed.log")
-    assert saved[-1] < 8, f"the run finished before the kill (checkpoints {saved}): nothing to resume"
-    r = _sh(["dvc", "repro", "r2d"], repo)
-    out = r.stdout + r.stderr
-    assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
-    m = json.loads((repo/"metrics"/"r2d.json").read_text())
+    saved, m = kill_then_resume("r2d", repo, tmp_path/"killed.log", steps=8)
     assert m["train_steps"] == 8 and m["resumed_from"].endswith(f"checkpoint-{saved[-1]}"), m
     assert (repo/"data"/"r2d"/"rows.jsonl").exists() and (repo/"models"/"r2d"/"config.json").exists()
     # r2d.merge 0.5: the final weights are halfway between the input's and the last checkpoint's (which stays trained)

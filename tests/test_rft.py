@@ -142,13 +142,9 @@ def test_correction_splices_reference_turns_with_no_loss(world, tok):
 
 @pytest.mark.xdist_group("pipeline")
 def test_killed_rft_resumes_from_its_last_checkpoint(sft_repo, tmp_path):
-    from test_pipeline import kill_after_first_checkpoint, _sh
+    from test_pipeline import kill_then_resume
     repo = sft_repo                                           # smoke profile, rft.steps 12, a checkpoint every step
-    saved = kill_after_first_checkpoint(["dvc", "repro", "rft"], repo, repo/"models"/"rft"/"checkpoints", tmp_path/"killed.log")
-    r = _sh(["dvc", "repro", "rft"], repo)
-    out = r.stdout + r.stderr
-    assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
-    m = json.loads((repo/"metrics"/"rft.json").read_text())
+    saved, m = kill_then_resume("rft", repo, tmp_path/"killed.log")
     assert m["rft_steps"] == 12 and m["resumed_from"], m
 
 

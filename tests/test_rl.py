@@ -127,17 +127,12 @@ def test_branching_copies_the_kv_cache():
 
 @pytest.mark.xdist_group("pipeline")
 def test_killed_rl_resumes_from_its_last_checkpoint(sft_repo, tmp_path):
-    import json, yaml
-    from test_pipeline import kill_after_first_checkpoint, _sh
+    import yaml
+    from test_pipeline import kill_then_resume
     repo = sft_repo                                           # smoke profile, rl.steps 8, a checkpoint every step
     p = yaml.safe_load((repo/"params.yaml").read_text()); p["rl"]["input"] = "sft"   # the fixture stops at SFT
     (repo/"params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    saved = kill_after_first_checkpoint(["dvc", "repro", "rl"], repo, repo/"models"/"rl"/"checkpoints", tmp_path/"killed.log")
-    assert saved[-1] < 8, f"the run finished before the kill (checkpoints {saved}): nothing to resume"
-    r = _sh(["dvc", "repro", "rl"], repo)
-    out = r.stdout + r.stderr
-    assert "resuming from" in out and f"checkpoint-{saved[-1]}" in out, out[-3000:]
-    m = json.loads((repo/"metrics"/"rl.json").read_text())
+    saved, m = kill_then_resume("rl", repo, tmp_path/"killed.log", steps=8)
     assert m["steps"] == 8 and m["resumed_from"], m
     steps = [int(float(r.split("\t")[0])) for r in (repo/"dvclive"/"rl"/"plots"/"metrics"/"rl"/"entropy.tsv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 9)), steps                 # one row per step: the killed run's tail was trimmed
