@@ -5,10 +5,11 @@
 # %% ../nbs/lib/15_rl.ipynb #e0940593
 from __future__ import annotations
 import math, random, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 from .env import run_episodes
 from .tree import Tree, build_trees, pack_rows, collate_tree_rows, tree_loss
+from .tree_runs import RunLayout, run_layout, runs_supported, tree_runs_logits
 from .reward import score_rollouts, grpo_advantages, informative_groups, task_references
 
 # %% auto #0
@@ -58,8 +59,9 @@ class GrpoBatch:
     branch_pairs: list[list[int]]   # per rollout: the pair indices of its policy tokens (for per-rollout statistics)
     tokens_tree: int                # tokens the packed rows compute
     tokens_flat: int                # tokens the rollouts would compute one by one
+    layout: RunLayout|None = field(default=None, repr=False)  # the batch as one unpadded row and its attention runs (built on first use)
     def to(self, device):
-        self.batch = {k: v.to(device) for k, v in self.batch.items()}
+        self.batch = {k: v.to(device) for k, v in self.batch.items()}; self.layout = None
         self.w_pos, self.w_neg, self.w_all = self.w_pos.to(device), self.w_neg.to(device), self.w_all.to(device)
         return self
     def reweight(self, seqs:list[dict], advantages:list[float], normalize:str="sequence") -> "GrpoBatch":
@@ -129,8 +131,10 @@ def grpo_batch(seqs:list[dict],            # rollouts: `input_ids`, `loss_mask` 
 def pair_logp(model, gb:GrpoBatch, entropy:bool=False):
     "Log-probability of every loss pair's token under `model` (and the entropy of its predictive distribution)."
     import torch.nn.functional as F
-    _, out = tree_loss(model, gb.batch)
-    logits = out["logits"]
+    if runs_supported(model):     # one unpadded row, attention run by run (`kat_nb.tree_runs`): the work of the visible pairs
+        if gb.layout is None: gb.layout = run_layout(gb.batch)
+        logits = tree_runs_logits(model, gb.batch, gb.layout)
+    else: logits = tree_loss(model, gb.batch)[1]["logits"]   # eager / flex_attention models: the dense per-tree masks
     logp = -F.cross_entropy(logits, gb.batch["pair_label"], reduction="none")
     if not entropy: return logp
     lp = logits.log_softmax(-1)
@@ -299,10 +303,11 @@ def bench_rl(quick:bool=False,          # one task, the small model, one timed r
             mem = {k: peak_rss_mb(lambda: step(k))[1] for k in ("flat", "tree")}
             tf, tt = statistics.median(times["flat"]), statistics.median(times["tree"])
             ideal = gbs["tree"].tokens_flat / gbs["tree"].tokens_tree
+            pairs = {k: (b.layout or run_layout(b.batch)).pairs for k, b in gbs.items()}   # query-key pairs the attention computes
             out.append({"group_size": G, "branching": branching, "rollouts": len(seqs), "tokens_flat": gbs["tree"].tokens_flat,
                         "tokens_tree": gbs["tree"].tokens_tree, "rows_flat": int(gbs["flat"].batch["input_ids"].shape[0]),
                         "rows_tree": int(gbs["tree"].batch["input_ids"].shape[0]), "ideal_ratio": ideal, "speedup": tf / tt,
-                        "efficiency": tf / tt / ideal, "max_grad_rel_err": err["max_grad_rel_err"], "loss_rel_err": err["loss_rel_err"],
+                        "efficiency": tf / tt / ideal, "attn_pairs_flat": pairs["flat"], "attn_pairs_tree": pairs["tree"], "max_grad_rel_err": err["max_grad_rel_err"], "loss_rel_err": err["loss_rel_err"],
                         "step_s_flat": tf, "step_s_tree": tt, "peak_mem_mb_flat": mem["flat"], "peak_mem_mb_tree": mem["tree"],
                         "model": f"h{cfg['hidden_size']}x{cfg['num_hidden_layers']}", "repeats": repeats})
     return out
