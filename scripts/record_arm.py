@@ -70,7 +70,23 @@ def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), prob
     curve = ROOT/"dvclive"/stage/"plots"/"metrics"/stage/"rewards"/"tests"/"mean.tsv"
     if curve.exists():   # the tests-reward curve, one value per RFT step
         out["tests_reward_curve"] = [round(float(r.split("\t")[1]), 4) for r in curve.read_text().splitlines()[1:]]
+    for name in ("entropy", "pass_rate", "resolved_turns"):   # RL curves, one value per step (the reshaping ablation's plot)
+        curve = ROOT/"dvclive"/stage/"plots"/"metrics"/stage/f"{name}.tsv"
+        if stage == "rl" and curve.exists():
+            out[f"{name}_curve"] = [round(float(r.split("\t")[1]), 4) for r in curve.read_text().splitlines()[1:]]
     return out
+
+
+def curve_table(table: dict, name: str, seed: int, path: Path) -> None:
+    "One CSV column per arm of `table` (seed `seed`) with a `<name>_curve`, by step: the file a DVC plot draws (dvc.yaml `plots`)."
+    arms = [r for r in table["rows"] if r["seed"] == seed and r.get(f"{name}_curve")]
+    if not arms: return
+    col = lambda arm: "".join(c if c.isalnum() else "_" for c in arm).strip("_")
+    n = max(len(r[f"{name}_curve"]) for r in arms)
+    lines = [",".join(["step"] + [col(r["arm"]) for r in arms])]
+    for i in range(n):
+        lines.append(",".join([str(i + 1)] + [str(r[f"{name}_curve"][i]) if i < len(r[f"{name}_curve"]) else "" for r in arms]))
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
@@ -86,4 +102,6 @@ if __name__ == "__main__":
     r = row(a.stage, a.arm, tuple(a.suites.split(",")), tuple(k for k in a.keys.split(",") if k), a.probe, a.edit_turn)
     table["rows"] = [x for x in table["rows"] if (x["arm"], x["seed"]) != (r["arm"], r["seed"])] + [r]
     path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(table, indent=2) + "\n")
+    if a.stage == "rl":          # metrics/ablations/<table>.entropy.csv: the entropy curve of every seed-0 arm (a DVC plot)
+        curve_table(table, "entropy", 0, path.with_suffix(".entropy.csv"))
     print(json.dumps({k: v for k, v in r.items() if k != "params"}))
