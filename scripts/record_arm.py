@@ -77,13 +77,13 @@ def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), prob
     return out
 
 
-def curve_table(table: dict, name: str, seed: int, path: Path) -> None:
-    "One CSV column per arm of `table` (seed `seed`) with a `<name>_curve`, by step: the file a DVC plot draws (dvc.yaml `plots`)."
-    arms = [r for r in table["rows"] if r["seed"] == seed and r.get(f"{name}_curve")]
+def curve_table(table: dict, name: str, path: Path) -> None:
+    "One CSV column `<arm>_seed<k>` per row of `table` with a `<name>_curve`, by step: the file a DVC plot draws (dvc.yaml `plots`)."
+    arms = sorted((r for r in table["rows"] if r.get(f"{name}_curve")), key=lambda r: r["seed"])
     if not arms: return
-    col = lambda arm: "".join(c if c.isalnum() else "_" for c in arm).strip("_")
+    col = lambda r: "".join(c if c.isalnum() else "_" for c in r["arm"]).strip("_") + f"_seed{r['seed']}"
     n = max(len(r[f"{name}_curve"]) for r in arms)
-    lines = [",".join(["step"] + [col(r["arm"]) for r in arms])]
+    lines = [",".join(["step"] + [col(r) for r in arms])]
     for i in range(n):
         lines.append(",".join([str(i + 1)] + [str(r[f"{name}_curve"][i]) if i < len(r[f"{name}_curve"]) else "" for r in arms]))
     path.write_text("\n".join(lines) + "\n")
@@ -102,6 +102,6 @@ if __name__ == "__main__":
     r = row(a.stage, a.arm, tuple(a.suites.split(",")), tuple(k for k in a.keys.split(",") if k), a.probe, a.edit_turn)
     table["rows"] = [x for x in table["rows"] if (x["arm"], x["seed"]) != (r["arm"], r["seed"])] + [r]
     path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(table, indent=2) + "\n")
-    if a.stage == "rl":          # metrics/ablations/<table>.entropy.csv: the entropy curve of every seed-0 arm (a DVC plot)
-        curve_table(table, "entropy", 0, path.with_suffix(".entropy.csv"))
+    if a.stage == "rl":          # metrics/ablations/<table>.entropy.csv: the entropy curve of every arm and seed (a DVC plot)
+        curve_table(table, "entropy", path.with_suffix(".entropy.csv"))
     print(json.dumps({k: v for k, v in r.items() if k != "params"}))
