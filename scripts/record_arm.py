@@ -67,13 +67,11 @@ def row(stage: str, arm: str, suites: tuple = ("world",), keys: tuple = (), prob
         if k in run: out[k] = run[k]
     if run.get("rollouts_this_run"):
         out["early_stop_rate"] = round(run.get("stopped_this_run", 0) / run["rollouts_this_run"], 4)
-    curve = ROOT/"dvclive"/stage/"plots"/"metrics"/stage/"rewards"/"tests"/"mean.tsv"
-    if curve.exists():   # the tests-reward curve, one value per RFT step
-        out["tests_reward_curve"] = [round(float(r.split("\t")[1]), 4) for r in curve.read_text().splitlines()[1:]]
-    for name in ("entropy", "pass_rate", "resolved_turns"):   # RL curves, one value per step (the reshaping ablation's plot)
-        curve = ROOT/"dvclive"/stage/"plots"/"metrics"/stage/f"{name}.tsv"
-        if stage == "rl" and curve.exists():
-            out[f"{name}_curve"] = [round(float(r.split("\t")[1]), 4) for r in curve.read_text().splitlines()[1:]]
+    curves = {"tests_reward": "rewards/tests/mean"}          # RFT: the tests-reward curve; RL: the reshaping ablation's plot
+    if stage == "rl": curves = {n: n for n in ("entropy", "pass_rate", "resolved_turns")}
+    for name, rel in curves.items():                          # one value per step, from the stage's DVCLive tsv
+        tsv = ROOT/"dvclive"/stage/"plots"/"metrics"/stage/f"{rel}.tsv"
+        if tsv.exists(): out[f"{name}_curve"] = [round(float(r.split("\t")[1]), 4) for r in tsv.read_text().splitlines()[1:]]
     return out
 
 
