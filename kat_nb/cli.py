@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("sandbox", help="run one command in the sandbox; print the result as JSON", add_help=False, prefix_chars="\0")
     x.add_argument("args", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="run a benchmark: a table, then one JSON line per configuration")
-    b.add_argument("name", choices=list(BENCHES))
+    b.add_argument("name", choices=list(BENCHES) + ["all"], help="a benchmark, or all of them one after the other")
     b.add_argument("--quick", action="store_true", help="fewer steps (a smoke run of the benchmark)")
     b.add_argument("--save", action="store_true", help="also write metrics/bench/<name>.json (committed; the docs' Results page shows it)")
     l = sub.add_parser("launch", help="run a training stage on N nodes x M GPUs (accelerate launch + DeepSpeed; kat_nb.launch)")
@@ -95,7 +95,9 @@ def main(argv:list[str]|None=None) -> int:
             from kat_nb.docs import write_readme
             print(write_readme())
         elif args.cmd == "params": print(json.dumps(load_params(args.params, profile=args.profile).model_dump(mode="json"), indent=2))
-        elif args.cmd == "bench": run_bench(args.name, save=args.save, **({"quick": True} if args.quick else {}))
+        elif args.cmd == "bench":
+            for name in (BENCHES if args.name == "all" else [args.name]):
+                run_bench(name, save=args.save, **({"quick": True} if args.quick else {}))
         elif args.cmd == "launch": return launch_main(args)
     except (ParamsError, StageNotebookError, LaunchError, FileNotFoundError) as e:
         print(f"kat-nb: error: {e}", file=sys.stderr); return 2

@@ -11,8 +11,9 @@ from .judge import judge
 from .env import run_episodes, summarize, TeacherPolicy, HFPolicy
 
 # %% auto #0
-__all__ = ['HUMANEVAL_SYSTEM', 'CURRICULUM', 'humaneval_problems', 'extract_code', 'humaneval_solution', 'humaneval_test',
-           'check_humaneval', 'evaluate_humaneval', 'edit_turn_target', 'edit_turn_accuracy', 'evaluate', 'stage_curve']
+__all__ = ['HUMANEVAL_SYSTEM', 'CURRICULUM', 'PIPELINE', 'TRAIN_RATE', 'humaneval_problems', 'extract_code', 'humaneval_solution',
+           'humaneval_test', 'check_humaneval', 'evaluate_humaneval', 'edit_turn_target', 'edit_turn_accuracy',
+           'evaluate', 'stage_curve', 'time_table']
 
 # %% ../nbs/lib/11_eval.ipynb #d2e96de1
 HUMANEVAL_SYSTEM = "You are a coding assistant. Complete the Python function. Answer with code only."
@@ -176,3 +177,22 @@ def stage_curve(metrics_dir:Path, out_png:Path, suite:str="world", key:str="reso
     ax.legend(loc="lower right", fontsize=8); fig.tight_layout()
     out_png = Path(out_png); out_png.parent.mkdir(parents=True, exist_ok=True); fig.savefig(out_png, dpi=120); plt.close(fig)
     return {**pts, **({"teacher": t} if t is not None else {})}
+
+# %% ../nbs/lib/11_eval.ipynb #56c70ef7
+PIPELINE = ("data", "tokenizer", "midtrain", "sft", "rft", "r2d", "rl")     # the stages before evaluation, in order
+TRAIN_RATE = {"midtrain": "tokens_per_s", "sft": "tokens_per_s", "r2d": "tokens_per_s", "rft": "train_tokens_per_s", "rl": "update_tokens_per_s"}
+
+def time_table(metrics_dir:Path) -> dict:
+    """Each stage's wall time (its `<stage>.run.json`), training tokens/s and MFU (its metrics); every evaluation cell's
+    wall time (`<checkpoint>/<suite>.run.json`, the teacher's baseline cells included) and the sum of all of them."""
+    metrics_dir = Path(metrics_dir)
+    load = lambda f: json.loads(f.read_text()) if f.exists() else {}
+    stages = {}
+    for s in PIPELINE:
+        run, m = load(metrics_dir/f"{s}.run.json"), load(metrics_dir/f"{s}.json")
+        if run: stages[s] = {"wall_s": run.get("wall_s"), "tokens_per_s": m.get(TRAIN_RATE.get(s, "")), "mfu": m.get("mfu")}
+    evals = {f"{f.parent.name}/{f.name.removesuffix('.run.json')}": load(f).get("wall_s") for f in sorted(metrics_dir.glob("*/*.run.json"))}
+    wall = [v["wall_s"] for v in stages.values()] + list(evals.values())
+    return {"stages": stages, "eval_cells": evals, "eval_wall_s": round(sum(v or 0 for v in evals.values()), 1),
+            "total_wall_s": round(sum(v or 0 for v in wall), 1)}
+

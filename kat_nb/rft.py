@@ -375,7 +375,8 @@ def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one d
         from dvclive import Live
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
-    trainer = _trainer_class(rft.get("positive_only", False))(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
+    from kat_nb.flops import Work, counted, mfu
+    trainer = counted(_trainer_class(rft.get("positive_only", False)))(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
                                                               rollout_func=rollouts, callbacks=[_live_logger(live, echo, t0)])
     trainer.remove_callback(PrinterCallback)
     if resume and echo: echo(f"resuming from {resume[0]} (step {resume[1]})")
@@ -394,6 +395,7 @@ def run_rft(tasks:list[Task],          # the train tasks RFT rolls out on (one d
             "train_tokens_per_s": round(tot["train_tokens"] / update_s, 1) if train_s else None,
             "saved_share": round(tot["saved_tokens_est"] / max(1, tot["generated_tokens"] + tot["saved_tokens_est"]), 4),
             "reward_first": hist[0]["reward"] if hist else None, "reward_last": hist[-1]["reward"] if hist else None,
+            **mfu(model, getattr(trainer, "work", Work()), update_s if train_s else 0.0),
             "resumed_from": str(resume[0]) if resume else None}
 
 # %% ../nbs/lib/16_rft.ipynb #82399080

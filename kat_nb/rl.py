@@ -280,7 +280,8 @@ def bench_rl(quick:bool=False,          # one task, the small model, one timed r
     with torch.no_grad():
         for m, sc in ((old, 0.02), (ref, 0.01)):
             for p in m.parameters(): p.add_(torch.randn_like(p) * sc * p.std().clamp_min(1e-3))
-    rng = random.Random(seed); out = []
+    from kat_nb.flops import batch_work, matmul_peak, mfu
+    rng, out, peak = random.Random(seed), [], matmul_peak()
     for G in group_sizes:
         for branching in (False, True):
             seqs = []
@@ -309,5 +310,6 @@ def bench_rl(quick:bool=False,          # one task, the small model, one timed r
                         "rows_tree": int(gbs["tree"].batch["input_ids"].shape[0]), "ideal_ratio": ideal, "speedup": tf / tt,
                         "efficiency": tf / tt / ideal, "attn_pairs_flat": pairs["flat"], "attn_pairs_tree": pairs["tree"], "max_grad_rel_err": err["max_grad_rel_err"], "loss_rel_err": err["loss_rel_err"],
                         "step_s_flat": tf, "step_s_tree": tt, "peak_mem_mb_flat": mem["flat"], "peak_mem_mb_tree": mem["tree"],
-                        "model": f"h{cfg['hidden_size']}x{cfg['num_hidden_layers']}", "repeats": repeats})
+                        **{f"mfu_{k}": mfu(model, batch_work(b.batch), t, peak)["mfu"] for k, b, t in (("flat", gbs["flat"], tf), ("tree", gbs["tree"], tt))},
+                        "peak_flops_per_s": round(peak), "model": f"h{cfg['hidden_size']}x{cfg['num_hidden_layers']}", "repeats": repeats})
     return out

@@ -10,6 +10,7 @@ from typing import Callable
 from .env import HFPolicy
 from .rft import stream_tokens, episode_tokens
 from .rl import rollout_groups, grpo_batch, pair_logp, grpo_loss, reshape_advantages, rollout_entropy
+from .flops import batch_work, model_shape, train_flops, matmul_peak
 
 # %% auto #0
 __all__ = ['LIVE_KEYS', 'episode_sequence', 'turn_segments', 'prune_rollouts', 'save_checkpoint', 'rl_step', 'run_rl']
@@ -140,9 +141,16 @@ def rl_step(model, ref, opt, sched, tokenizer, tasks:list, rl:dict, device:str="
             "informative_groups": rs["informative_groups"], "format_errors": rs["format_errors"] / rs["rollouts"],
             "clip_fraction": st.get("clip_fraction", 0.0), "grad_norm": gn, "loss": loss_v, "update_rollouts": len(live),
             "tokens_tree": gb.tokens_tree if gb else 0, "tokens_flat": gb.tokens_flat if gb else 0,
+            "update_flops": rl["epochs"] * train_flops(model_shape(model), batch_work(gb.batch)) if gb else 0,   # model FLOPs of the update (`kat_nb.flops`)
             "generated_tokens": rs["generated_tokens"]}
 
 # %% ../nbs/lib/15a_rl_train.ipynb #bc937975
+def _update_mfu(flops:float, seconds:float) -> dict:
+    "MFU of the updates (their model FLOPs over their seconds, which include the reference model's and pruning's forwards)."
+    if not flops or not seconds: return {"mfu": None}
+    peak = matmul_peak()
+    return {"update_flops_per_s": round(flops / seconds), "peak_flops_per_s": round(peak), "mfu": round(flops / seconds / peak, 4)}
+
 def run_rl(tasks:list,                 # steps x tasks_per_step train tasks, in the order the steps take them
            init_dir:str|Path,          # the input checkpoint (model + tokenizer); the KL term's reference
            rl:dict,                    # the `rl:` params section
@@ -199,6 +207,7 @@ def run_rl(tasks:list,                 # steps x tasks_per_step train tasks, in 
             "update_seconds": round(tot("update_seconds"), 1), "generated_tokens": tot("generated_tokens"),
             "update_tokens_per_s": round(tot("tokens_tree") / tot("update_seconds"), 1) if tot("update_seconds") else None,
             "ideal_token_ratio": round(tot("tokens_flat") / tot("tokens_tree"), 3) if tot("tokens_tree") else None,
+            **_update_mfu(tot("update_flops"), tot("update_seconds")),
             **{f"{k}_first": first.get(k) for k in ("reward", "pass_rate", "entropy", "turns", "resolved_turns")},
             **{f"{k}_last": last.get(k) for k in ("reward", "pass_rate", "entropy", "turns", "resolved_turns", "kl")},
             "pruned_share_mean": round(tot("pruned_share") / len(h), 4) if h else None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from .core import from_root, set_seed
-from .train import PackedCollator, _deepspeed_without_jit, _live_callback, last_checkpoint, midtrain_args, train_and_save, trim_live, world_size
+from .train import PACKING_CONFIGS, PackedCollator, _deepspeed_without_jit, bench_packing, _live_callback, last_checkpoint, midtrain_args, train_and_save, trim_live, world_size
 
 # %% auto #0
 __all__ = ['turn_weight', 'weight_turns', 'sft_tokenize', 'sft_dataset', 'sft_tree_seqs', 'run_sft', 'bench_sft_tree',
@@ -137,8 +137,9 @@ def run_sft(train_rows:list[dict], # chat rows of the balanced mixture
         if resume: trim_live(live_dir, resume[1])
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
     args = midtrain_args(params, out_dir, seed, eval_on_start=not resume, **tree_args)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
-                      data_collator=collator, callbacks=[_live_callback(live, say, start_file)])
+    from kat_nb.flops import counted
+    trainer = counted(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
+                               data_collator=collator, callbacks=[_live_callback(live, say, start_file)])
     trainer.remove_callback(PrinterCallback)
     loss_tokens = (sum(sum(t != -100 for t in r) for r in train_ds["labels"]) if "labels" in train_ds.column_names
                    else round(sum(sum(map(sum, w)) for w in train_ds["pair_w_tok"]) + sum(map(sum, train_ds["root_pair_w_tok"]))))
@@ -189,31 +190,20 @@ def bench_sft_tree(quick:bool=False, # 48 trajectories instead of 256 (a smoke r
     return out
 
 # %% ../nbs/lib/13_sft.ipynb #fb7a6791
-def bench_sft_rows(rows:list[dict], tokenizer, model_cfg:dict, seq_len:int=1024, batch_size:int=8, seed:int=0) -> list[dict]:
-    "SFT throughput (real tokens/s) packed vs padded on `rows` with a fresh `model_cfg` model; `ratio` in the packed row."
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
+def bench_sft_rows(rows:list[dict], tokenizer, model_cfg:dict, seq_len:int=1024, batch_size:int=8,
+                   tree:dict|None=None, # tree packing keys (default: the tiny profile's `sft:` values)
+                   configs:tuple=PACKING_CONFIGS, seed:int=0) -> list[dict]:
+    "`kat_nb.train.bench_packing` on chat `rows` (assistant-only labels), each cut to `seq_len` tokens; floats rounded."
     from kat_nb.model import build_model
-    results = []
-    for name, packing in (("packed", True), ("padded", False)):
-        ds = sft_dataset(rows, tokenizer, seq_len, packing)
-        set_seed(seed); model = build_model(model_cfg, tokenizer); model.config.use_cache = False
-        p = dict(max_steps=math.ceil(len(ds) / batch_size), learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                 global_batch_size=batch_size, per_device_batch_size=batch_size, seq_len=seq_len, eval_steps=10**9, save_steps=10**9,
-                 logging_steps=10**9, save_total_limit=1, use_cpu=True, bf16=False)
-        with tempfile.TemporaryDirectory() as d:
-            args = midtrain_args(p, Path(d), seed, eval_on_start=False, eval_strategy="no", save_strategy="no")
-            tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, data_collator=PackedCollator(tokenizer.pad_token_id))
-            tr.remove_callback(PrinterCallback); out = tr.train()
-        real = sum(map(len, ds["input_ids"]))
-        results.append({"config": name, "tokens_per_s": real / out.metrics["train_runtime"], "steps": p["max_steps"], "rows": len(ds),
-                        "real_tokens": real, "seconds": out.metrics["train_runtime"], "train_loss": out.training_loss})
-    results[0]["ratio"] = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-    return [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in results]
+    enc = sft_tokenize(rows, tokenizer)
+    docs = [{"input_ids": x[:seq_len], "labels": y[:seq_len]} for x, y in zip(enc["input_ids"], enc["labels"]) if any(t != -100 for t in y[1:seq_len])]
+    tree = tree or {"tree_row_tokens": 1024, "tree_share_root": True}
+    out = bench_packing(docs, tokenizer, model_cfg, seq_len, batch_size, tree, configs, seed)
+    return [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in out]
 
 def bench_sft(quick:bool=False, # fewer samples (a smoke run of the benchmark)
              ) -> list[dict]:
-    "`kat-nb bench sft`: packed vs padded SFT on a balanced mixture (world trajectories + grid rows), tiny model."
+    "`kat-nb bench sft`: packed, tree and padded SFT on a balanced mixture (world trajectories + grid rows), tiny model."
     import random
     from kat_nb.mixture import sft_mixture
     from kat_nb.model import train_tokenizer, render_chat

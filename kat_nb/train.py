@@ -13,9 +13,9 @@ from .core import from_root, set_seed
 from .model import build_model, checkpointing_kw, load_tokenizer, row_text, train_tokenizer, _dtype
 
 # %% auto #0
-__all__ = ['grad_accum_steps', 'world_size', 'with_eos', 'lm_dataset', 'PackedCollator', 'last_checkpoint', 'trim_live',
-           'midtrain_args', 'tree_rows', 'train_and_save', 'run_midtrain', 'commit_probe', 'bench_midtrain',
-           'bench_midtrain_mixture']
+__all__ = ['PACKING_CONFIGS', 'grad_accum_steps', 'world_size', 'with_eos', 'lm_dataset', 'PackedCollator', 'last_checkpoint',
+           'trim_live', 'midtrain_args', 'tree_rows', 'train_and_save', 'run_midtrain', 'commit_probe', 'bench_packing',
+           'bench_midtrain', 'bench_midtrain_mixture']
 
 # %% ../nbs/lib/06_train.ipynb #4d937966
 def grad_accum_steps(global_batch_size:int, per_device_batch_size:int, world_size:int=1) -> int:
@@ -176,6 +176,8 @@ def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Pa
                "train_tokens": tokens, "tokens_per_s": (tokens - tokens_before) / seconds if seconds else None,
                "seconds": round(seconds, 1), "epochs": round(trainer.state.epoch or 0, 3),
                "resumed_from": str(resume[0]) if resume else None}
+    from kat_nb.flops import Work, mfu      # model FLOPs of this run's batches over the fp32 matmul peak measured now
+    metrics.update(mfu(trainer.model, getattr(trainer, "work", Work()), seconds))
     trainer.model.config.use_cache = True     # generation after training wants the KV cache
     trainer.save_model(str(out_dir))
     if main:
@@ -183,12 +185,12 @@ def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Pa
         if live is not None:
             if not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in trainer.state.log_history):
                 live.step = trainer.state.global_step; live.log_metric("eval/loss", val_end)
-            for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens"): live.summary[k] = metrics[k]
+            for k in ("val_loss_start", "val_loss_end", "tokens_per_s", "train_tokens", "mfu"): live.summary[k] = metrics[k]
             live.end()
     trainer.accelerator.wait_for_everyone()   # no rank reads models/<stage> before rank 0 has written it
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
     unset_hf_deepspeed_config()               # after ZeRO-3, a later from_pretrained in this process must load whole weights, not empty partitions
-    say(f"val loss {val_start} -> {val_end:.4f}" + (f"; {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""))
+    say(f"val loss {val_start} -> {val_end:.4f}" + (f"; {metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%}" if metrics["tokens_per_s"] else ""))
     return metrics
 
 # %% ../nbs/lib/06_train.ipynb #b091c5df
@@ -240,8 +242,9 @@ def run_midtrain(train_rows:list[dict], # corpus rows ({"text"} or {"messages", 
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resume), report=None)
     curves = _live_callback(live, say, start_file)
     args = midtrain_args(params, out_dir, seed, eval_on_start=not resume, **tree_args)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
-                      data_collator=collator, callbacks=[curves])
+    from kat_nb.flops import counted
+    trainer = counted(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, processing_class=tok,
+                               data_collator=collator, callbacks=[curves])
     trainer.remove_callback(PrinterCallback)  # our callback prints one short line per log instead of the log dict
     say(f"midtrain: {len(train_ds)} rows x {seq_len} tokens (packing={packing}), {params['max_steps']} steps, "
         f"global batch {params['global_batch_size']} = {params['per_device_batch_size']} x {args.gradient_accumulation_steps} "
@@ -273,39 +276,72 @@ def commit_probe(model_dir:str|Path, # a saved checkpoint with its tokenizer
     return {k: {"n": n, "loss": round(s / t, 4), "exact": round(e / n, 4)} for k, (n, s, t, e) in sorted(acc.items())}
 
 # %% ../nbs/lib/06_train.ipynb #31e378bf
+PACKING_CONFIGS = ("packed", "tree", "padded", "padded_sorted")
+
+def bench_packing(docs:list[dict], # token documents: `input_ids`, optional `labels` (-100: no loss there), each at most `seq_len` tokens
+                  tokenizer, # the documents' tokenizer
+                  model_cfg:dict, # the `model:` params section (a fresh model per configuration)
+                  seq_len:int, batch_size:int, # a step trains `batch_size` documents (padded) or rows of `seq_len` tokens (packed)
+                  tree:dict|None=None, # tree packing keys as the stage has them (`tree_row_tokens`, `tree_share_root`, `tree_normalize`)
+                  configs:tuple=PACKING_CONFIGS, seed:int=0) -> list[dict]:
+    """Training throughput on the same documents, one pass per configuration, timed by the trainer: `packed` (TRL's
+    padding-free rows with per-document positions), `tree` (`kat_nb.tree` step items, attention by runs: what the stages
+    run with `tree_packing`), `padded` (a document per row, random order) and `padded_sorted` (rows grouped by length,
+    `train_sampling_strategy="group_by_length"`). `tokens_per_s` counts document tokens (the same in every row);
+    `mfu`: the model FLOPs each configuration computed (`kat_nb.flops`) over the fp32 matmul peak measured once here;
+    `vs_padded`, `vs_padded_sorted`: tokens/s over those baselines'."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer, pack_dataset
+    from kat_nb.flops import counted, matmul_peak, mfu
+    from kat_nb.tree import tree_training
+    long = [i for i, d in enumerate(docs) if len(d["input_ids"]) > seq_len]
+    if long: raise ValueError(f"bench_packing: documents {long[:5]} are longer than seq_len {seq_len}: cut them first")
+    cols = {"input_ids": [d["input_ids"] for d in docs], "labels": [d.get("labels", d["input_ids"]) for d in docs]}
+    real, peak, results = sum(map(len, cols["input_ids"])), matmul_peak(), []
+    for name in configs:
+        set_seed(seed); model = build_model(model_cfg, tokenizer); model.config.use_cache = False
+        Trainer, collator, extra = SFTTrainer, PackedCollator(tokenizer.pad_token_id), {}
+        if name == "packed": ds = pack_dataset(Dataset.from_dict(cols), seq_len, "bfd")
+        elif name == "tree":
+            seqs = [{"input_ids": x, "loss_mask": [int(t != -100) for t in y]} for x, y in zip(cols["input_ids"], cols["labels"])]
+            tp = {"global_batch_size": batch_size, "seq_len": seq_len, "eval_samples": 1, "tree_normalize": "token", **(tree or {})}
+            ds, _, Trainer, collator, extra = tree_training(seqs, seqs[:1], tp, model, tokenizer, seed, 1, SFTTrainer)
+        elif name in ("padded", "padded_sorted"):
+            ds = Dataset.from_dict(cols)
+            if name == "padded_sorted": extra = {"train_sampling_strategy": "group_by_length"}
+        else: raise ValueError(f"bench_packing: unknown configuration {name!r} (one of {PACKING_CONFIGS})")
+        steps = len(ds) if name == "tree" else math.ceil(len(ds) / batch_size)    # a tree item is one step
+        p = dict(max_steps=steps, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                 global_batch_size=batch_size, per_device_batch_size=batch_size, seq_len=seq_len, eval_steps=10**9,
+                 save_steps=10**9, logging_steps=10**9, save_total_limit=1, use_cpu=True, bf16=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            args = midtrain_args(p, Path(tmp), seed, eval_on_start=False, eval_strategy="no", save_strategy="no", **extra)
+            trainer = counted(Trainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer, data_collator=collator)
+            trainer.remove_callback(PrinterCallback)
+            out = trainer.train()
+        s = out.metrics["train_runtime"]
+        rows = sum(map(len, ds["input_ids"])) if name == "tree" else len(ds)
+        results.append({"config": name, "tokens_per_s": real / s, "steps": steps, "rows": rows, "real_tokens": real,
+                        "seconds": s, "train_loss": out.training_loss, **mfu(model, trainer.work, s, peak)})
+    base = {r["config"]: r["tokens_per_s"] for r in results}
+    for r in results:
+        for b in ("padded", "padded_sorted"):
+            if b in base and r["config"] != b: r[f"vs_{b}"] = r["tokens_per_s"] / base[b]
+    return results
+
 def bench_midtrain(rows:list[dict], # corpus rows
                    tokenizer, # a trained/base tokenizer
                    model_cfg:dict, # the `model:` params section
                    seq_len:int=512, batch_size:int=16,
                    n_docs:int=256, # documents per configuration
-                   seed:int=0) -> list[dict]:
-    "Training throughput (real tokens/s) for packed and padded batches on the same documents; `ratio` in the packed row."
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
+                   tree:dict|None=None, # tree packing keys (default: the tiny profile's `midtrain:` values)
+                   configs:tuple=PACKING_CONFIGS, seed:int=0) -> list[dict]:
+    "`bench_packing` on the first `n_docs` corpus rows, each cut to `seq_len` tokens."
     texts = [row_text(r) for r in rows[:n_docs]]
-    docs = lm_dataset(texts, tokenizer, seq_len, packing=False)       # every document cut to seq_len
-    results = []
-    for name, ds in (("packed", None), ("padded", docs)):
-        if ds is None:
-            from datasets import Dataset
-            from trl import pack_dataset
-            ds = pack_dataset(Dataset.from_dict({"input_ids": docs["input_ids"]}), seq_len, "bfd")
-        set_seed(seed)
-        model = build_model(model_cfg, tokenizer); model.config.use_cache = False
-        p = dict(max_steps=math.ceil(len(ds) / batch_size), learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
-                 weight_decay=0.0, global_batch_size=batch_size, per_device_batch_size=batch_size, seq_len=seq_len,
-                 eval_steps=10**9, save_steps=10**9, logging_steps=10**9, save_total_limit=1, use_cpu=True, bf16=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            args = midtrain_args(p, Path(tmp), seed, eval_on_start=False, eval_strategy="no", save_strategy="no")
-            trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                 data_collator=PackedCollator(tokenizer.pad_token_id))
-            trainer.remove_callback(PrinterCallback)
-            out = trainer.train()
-        real = sum(map(len, ds["input_ids"]))
-        results.append({"config": name, "tokens_per_s": real / out.metrics["train_runtime"], "steps": p["max_steps"],
-                        "rows": len(ds), "real_tokens": real, "seconds": out.metrics["train_runtime"], "train_loss": out.training_loss})
-    results[0]["ratio"] = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-    return results
+    docs = [{"input_ids": x} for x in lm_dataset(texts, tokenizer, seq_len, packing=False)["input_ids"]]
+    tree = tree or {"tree_row_tokens": 2048, "tree_share_root": True}
+    return bench_packing(docs, tokenizer, model_cfg, seq_len, batch_size, tree, configs, seed)
 
 # %% ../nbs/lib/06_train.ipynb #bf58fc0e
 def bench_midtrain_mixture(quick:bool=False, # fewer documents and shorter rows (a smoke run of the benchmark)

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 # %% auto #0
-__all__ = ['TREE_KEYS', 'TREE_SDPA', 'FLEX_KERNEL_OPTIONS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS',
-           'TREE_STEP_ARGS', 'BENCH_MODEL', 'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree',
-           'pack_trees', 'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask',
-           'tree_segments', 'tree_loss', 'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats',
-           'ByteTokenizer', 'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces',
-           'tokenize_messages', 'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups',
-           'pack_step', 'tree_step_dataset', 'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin',
-           'tree_trainer', 'tree_training', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb',
-           'bench_tree', 'compare_training']
+__all__ = ['TREE_KEYS', 'FLEX_KERNEL_OPTIONS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'TREE_STEP_ARGS',
+           'BENCH_MODEL', 'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees',
+           'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_loss',
+           'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
+           'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces', 'tokenize_messages',
+           'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups', 'pack_step',
+           'tree_step_dataset', 'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin', 'tree_trainer',
+           'tree_training', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree',
+           'compare_training']
 
 # %% ../nbs/lib/12_tree.ipynb #05fa1fec
 @dataclass
@@ -317,55 +317,16 @@ def tree_block_mask(subtree_end:"torch.Tensor") -> "BlockMask":
     R, L = end.shape
     return create_block_mask(mask_mod, R, None, L, L, device=end.device)
 
-TREE_SDPA = "kat_tree_sdpa"     # the attention implementation name `tree_loss` switches an sdpa model to for a tree batch
-
 def _prefix_columns(under_root:"torch.Tensor", prefix:int, dtype) -> "torch.Tensor":
     "Additive mask columns (rows, 1, L, prefix) for the shared prefix's keys: visible to the tokens `under_root`."
     import torch
     R, L = under_root.shape
     return torch.zeros((R, 1, L, prefix), dtype=dtype, device=under_root.device).masked_fill_(~under_root[:, None, :, None], torch.finfo(dtype).min)
 
-def tree_segments(subtree_end:"torch.Tensor", # (rows, L): end of each token's subtree span (`collate_tree_rows`)
-                  row_len:"torch.Tensor", # (rows,): real tokens per row (the rest is padding)
-                  under_root:"torch.Tensor|None"=None, # (rows, L) bool: the token sees the shared prefix (`collate_step`)
-                  prefix:int=0, # length of the shared prefix whose keys come first (0: none)
-                  dtype=None,
-                 ) -> list[tuple]:
-    """The top-level trees of every row as `(row, start, end, mask)`: `mask` is the tree's own additive mask
-    (1, 1, l, l), with `prefix` leading key columns (visible iff `under_root`) when the tree descends from the prefix."""
-    import torch
-    dtype = dtype or torch.float32
-    out, ends = [], subtree_end.tolist()
-    for b, n in enumerate(row_len.tolist()):
-        s = 0
-        while s < n:
-            e = ends[b][s]
-            if not s < e <= n: raise ValueError(f"row {b}: token {s} has subtree end {e} outside (start, row length {n}]")
-            mask = tree_attention_mask(subtree_end[b:b + 1, s:e] - s, dtype)
-            if prefix and under_root is not None and bool(under_root[b, s:e].any()):
-                mask = torch.cat([_prefix_columns(under_root[b:b + 1, s:e], prefix, dtype), mask], -1)
-            out.append((b, s, e, mask)); s = e
-    return out
-
-def _tree_sdpa(module, query, key, value, attention_mask, tree_segments=None, **kw):
-    """sdpa over each packed tree alone (`tree_segments`): a row holding several trees skips the blocks between them that
-    the dense mask would compute and discard. Exact; without `tree_segments` it is plain sdpa (generation, the prefix pass)."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if tree_segments is None: return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    B, H, L, D = query.shape; P = key.shape[2] - L
-    rows = [[] for _ in range(B)]; filled = [0] * B
-    for b, s, e, mask in tree_segments:
-        k, v = key[b:b + 1, :, P + s:P + e], value[b:b + 1, :, P + s:P + e]
-        if mask.shape[-1] > e - s: k, v = torch.cat([key[b:b + 1, :, :P], k], 2), torch.cat([value[b:b + 1, :, :P], v], 2)
-        rows[b].append(sdpa_attention_forward(module, query[b:b + 1, :, s:e], k, v, mask, **kw)[0]); filled[b] = e
-    for b in range(B):     # padding after the last tree: zeros (no loss is taken there and no real token attends to it)
-        if filled[b] < L: rows[b].append(query.new_zeros(1, L - filled[b], H, D))
-    return torch.cat([torch.cat(r, 1) for r in rows], 0), None
-
-def _register_tree_sdpa():
-    from transformers import AttentionInterface
-    if TREE_SDPA not in AttentionInterface._global_mapping: AttentionInterface.register(TREE_SDPA, _tree_sdpa)
+def _by_runs(model, batch:dict) -> bool:
+    "Whether `tree_loss` takes this batch's attention by runs (`kat_nb.tree_runs`): an sdpa model with a separable head, rows with lengths."
+    from kat_nb.tree_runs import runs_supported
+    return "row_len" in batch and runs_supported(model)
 
 @contextmanager
 def _attn_implementation(m, impl:str|None):
@@ -376,20 +337,16 @@ def _attn_implementation(m, impl:str|None):
     try: yield
     finally: m.config._attn_implementation = old
 
-def _tree_attention(model, batch:dict, prefix:int=0) -> tuple[dict, str|None]:
-    """Attention arguments for a tree batch and the implementation to run them with. sdpa models get per-tree segments
-    (`tree_segments`, `_tree_sdpa`); eager the dense mask (the reference); flex_attention a `BlockMask`."""
+def _tree_attention(model, batch:dict, prefix:int=0) -> dict:
+    """The dense attention arguments of a tree batch (what `tree_loss` uses where runs do not apply: eager, the reference;
+    flex_attention, a `BlockMask`; sdpa without `row_len` or a separable head, the 4D float mask)."""
     import torch
     m = _unwrap(model); impl = getattr(m.config, "_attn_implementation", "sdpa"); dtype = next(m.parameters()).dtype
-    under = batch.get("under_root")
-    if impl == "sdpa" and "row_len" in batch:
-        _register_tree_sdpa()
-        return {"attention_mask": None, "tree_segments": tree_segments(batch["subtree_end"], batch["row_len"], under, prefix, dtype)}, TREE_SDPA
-    if prefix:           # eager, or sdpa without `row_len` (`_rooted_loss` has already refused other implementations)
-        return {"attention_mask": torch.cat([_prefix_columns(under, prefix, dtype), tree_attention_mask(batch["subtree_end"], dtype)], -1)}, None
+    if prefix:           # `_rooted_loss` has already refused implementations other than sdpa and eager
+        return {"attention_mask": torch.cat([_prefix_columns(batch["under_root"], prefix, dtype), tree_attention_mask(batch["subtree_end"], dtype)], -1)}
     attn = {"attention_mask": tree_mask_for(model, batch["subtree_end"])}
     if impl == "flex_attention" and next(m.parameters()).is_cuda: attn["kernel_options"] = FLEX_KERNEL_OPTIONS
-    return attn, None
+    return attn
 
 # flex_attention's AUTO backend picks its decoding kernel for short rows; with grouped-query heads that kernel had no valid
 # config (torch 2.11, H200: `NoValidChoicesError` on 74-token rows, scripts/gpu_check.sh, 2026-11-30). Training rows want
@@ -409,20 +366,22 @@ def tree_loss(model, # a causal LM (HF); sdpa, eager or flex_attention
     "The weighted loss of a tree batch and the logits at the loss positions: sum over pairs of weight x CE(logits[pos], label)."
     import torch.nn.functional as F
     if "root_ids" in batch: return _rooted_loss(model, batch)
-    attn, impl = _tree_attention(model, batch)
-    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **attn)
-    m = _unwrap(model); parts = _decoder_and_head(m)
-    with _attn_implementation(m, impl):
+    if _by_runs(model, batch):     # one unpadded row, attention run by run: the work of the visible pairs
+        from kat_nb.tree_runs import tree_runs_logits
+        logits = tree_runs_logits(model, batch)
+    else:
+        kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **_tree_attention(model, batch))
+        parts = _decoder_and_head(_unwrap(model))
         if parts:        # the LM head only where a loss is taken (assistant-only SFT: ~1/5 of the tokens)
-            hidden = parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]
-            logits = parts[1](hidden).float()
+            logits = parts[1](parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]).float()
         else: logits = model(**kw).logits.flatten(0, 1)[batch["pair_index"]].float()
     ce = F.cross_entropy(logits, batch["pair_label"], reduction="none")
     return (ce * batch["pair_weight"]).sum(), {"logits": logits}
 
 def _rooted_loss(model, batch:dict):
-    """A step with a shared prefix: the prefix runs once (causal, batch 1) and its keys/values, repeated per row, are the
-    first `P` keys of every row; a row token attends to them iff it descends from the prefix (`under_root`)."""
+    """A step with a shared prefix: the prefix runs once (causal, batch 1) and its keys/values are the first `P` keys the
+    rows see (by runs: one cache for the unpadded row; dense: repeated per row); a row token attends to them iff it
+    descends from the prefix (`under_root`)."""
     import torch, torch.nn.functional as F
     m = _unwrap(model); parts = _decoder_and_head(m)
     if parts is None or getattr(m.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
@@ -440,13 +399,16 @@ def _rooted_loss(model, batch:dict):
     hidden = [out_r.last_hidden_state[0]]
     index = [batch["root_pair_index"]]; labels = [batch["root_pair_label"]]; weights = [batch["root_pair_weight"]]
     if "input_ids" in batch:
-        R = batch["input_ids"].shape[0]; P = batch["root_ids"].shape[1]
-        cache.batch_repeat_interleave(R)
-        attn, impl = _tree_attention(model, batch, P)
-        with _attn_implementation(m, impl):
-            out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True, **attn, **cache_kw(dec, cache))
-        hidden.append(out.last_hidden_state.flatten(0, 1))
-        index.append(batch["pair_index"] + P); labels.append(batch["pair_label"]); weights.append(batch["pair_weight"])
+        P = batch["root_ids"].shape[1]
+        if _by_runs(model, batch):     # one unpadded row; runs under the prefix see its keys in the (batch 1) cache
+            from kat_nb.tree_runs import run_layout, runs_hidden
+            lay = run_layout(batch, P)
+            hidden.append(runs_hidden(model, lay, use_cache=True, **cache_kw(dec, cache))); index.append(lay.pair_index + P)
+        else:
+            cache.batch_repeat_interleave(batch["input_ids"].shape[0])
+            out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True, **_tree_attention(model, batch, P), **cache_kw(dec, cache))
+            hidden.append(out.last_hidden_state.flatten(0, 1)); index.append(batch["pair_index"] + P)
+        labels.append(batch["pair_label"]); weights.append(batch["pair_weight"])
     logits = head(torch.cat(hidden)[torch.cat(index)]).float()
     ce = F.cross_entropy(logits, torch.cat(labels), reduction="none")
     return (ce * torch.cat(weights)).sum(), {"logits": logits}
@@ -1069,13 +1031,15 @@ def bench_tree(quick:bool=False, # one small group, a small model, one timed rep
         for k in ("flat", "tree"):
             t0 = time.perf_counter(); train_step(model, batches[k], opt); times[k].append(time.perf_counter() - t0)
     mem = {k: peak_rss_mb(lambda: train_step(model, batches[k], opt))[1] for k in ("flat", "tree")}
+    from kat_nb.flops import Work, batch_work, matmul_peak, mfu
+    peak, work = matmul_peak(), {k: sum(map(batch_work, batches[k]), Work()) for k in ("flat", "tree")}
     st = tree_stats(trees); tf, tt = statistics.median(times["flat"]), statistics.median(times["tree"])
     common = {"n_groups": n_groups, "n_branches": sum(map(len, seqs)), "max_tokens": max_tokens, "attn": attn_implementation,
               "model": f"h{cfg['hidden_size']}x{cfg['num_hidden_layers']}", "repeats": repeats}
     out = []
     for k in ("flat", "tree"):
         out.append({"setting": k, "rows": len(rows[k]), "tokens": sum(len(r["input_ids"]) for r in rows[k]),
-                    "step_s": statistics.median(times[k]), "peak_mem_mb": mem[k], **common})
+                    "step_s": statistics.median(times[k]), "peak_mem_mb": mem[k], **mfu(model, work[k], statistics.median(times[k]), peak), **common})
     out.append({"setting": "summary", "ideal_ratio": st["ideal_ratio"], "speedup": tf / tt, "efficiency": tf / tt / st["ideal_ratio"],
                 "max_grad_rel_err": gerr, "tokens_flat": st["tokens_flat"], "tokens_tree": st["tokens_tree"],
                 "peak_mem_mb_flat": mem["flat"], "peak_mem_mb_tree": mem["tree"], "step_s_flat": tf, "step_s_tree": tt, **common})

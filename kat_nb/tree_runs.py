@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['TREE_RUNS', 'chain_runs', 'RunLayout', 'run_layout', 'runs_supported', 'tree_runs_logits']
+__all__ = ['TREE_RUNS', 'chain_runs', 'RunLayout', 'run_layout', 'runs_supported', 'runs_hidden', 'tree_runs_logits']
 
 # %% ../nbs/lib/12a_tree_runs.ipynb #4ea05c68
 def chain_runs(subtree_end:list[int], # per token of one unpadded layout: end of its subtree span (exclusive)
@@ -31,12 +31,14 @@ class RunLayout:
     input_ids: "torch.Tensor"       # (1, N): the rows' real tokens end to end
     position_ids: "torch.Tensor"    # (1, N)
     pair_index: "torch.Tensor"      # (P,): the loss pairs' positions in the row (the batch's `pair_index`, remapped)
-    runs: list                      # per run: (start, end, ancestor run indices, bool mask (1, 1, l, a + l) or None)
+    runs: list                      # per run: (start, end, ancestor run indices, sees the prefix, bool mask (1, 1, l, keys) or None)
     pairs: int                      # query-key pairs the runs compute
-    dense_pairs: int                # pairs the per-tree masks compute (sum over top-level trees of n²)
+    dense_pairs: int                # pairs the per-tree masks compute (sum over top-level trees of n x (prefix + n))
 
-def run_layout(batch:dict) -> RunLayout:
-    "Lay the rows of a `collate_tree_rows` batch end to end without padding and find its runs (on the batch's device)."
+def run_layout(batch:dict, # from `collate_tree_rows` / `collate_step` (on any device)
+               prefix:int=0, # length of a shared prefix whose keys come first (`kat_nb.tree._rooted_loss`): runs `under_root` see it
+              ) -> RunLayout:
+    "Lay the rows of a tree batch end to end without padding and find its runs (on the batch's device)."
     import torch
     ids, dev = batch["input_ids"], batch["input_ids"].device
     R, L = ids.shape
@@ -45,35 +47,41 @@ def run_layout(batch:dict) -> RunLayout:
     new_pos = keep.long().cumsum(0) - 1                       # old flat index -> index in the unpadded row
     offset = [sum(lens[:b]) for b in range(R)]
     ends = [e + offset[b] for b in range(R) for e in batch["subtree_end"][b, :lens[b]].tolist()]
+    flat = lambda x: x.flatten()[keep][None]
+    under = flat(batch["under_root"])[0].tolist() if prefix and "under_root" in batch else None
     found = chain_runs(ends); runs, pairs, dense = [], 0, 0
     for s, e, anc in found:
-        l = e - s
-        if not anc:                                           # a top-level tree's root: its subtree is the tree
-            dense += (ends[s] - s) ** 2; runs.append((s, e, (), None)); pairs += l * l; continue
-        a = sum(found[r][1] - found[r][0] for r in anc)
+        l, root = e - s, bool(under and under[s])             # a top-level tree lies wholly under the prefix or not (`pack_step`)
+        p = prefix if root else 0
+        if not anc: dense += (ends[s] - s) * (p + ends[s] - s)  # a run without ancestors is a top-level tree's root
+        if not anc and not root: runs.append((s, e, (), False, None)); pairs += l * l; continue   # plain causal, no mask
+        a = p + sum(found[r][1] - found[r][0] for r in anc)
         mask = torch.ones((l, a + l), dtype=torch.bool, device=dev)
         mask[:, a:] = torch.ones((l, l), dtype=torch.bool, device=dev).tril()
-        runs.append((s, e, tuple(anc), mask[None, None])); pairs += l * (a + l)
-    flat = lambda x: x.flatten()[keep][None]
+        runs.append((s, e, tuple(anc), root, mask[None, None])); pairs += l * (a + l)
     return RunLayout(flat(ids), flat(batch["position_ids"]), new_pos[batch["pair_index"]], runs, pairs, dense)
 
 # %% ../nbs/lib/12a_tree_runs.ipynb #e5cf4f3e
 TREE_RUNS = "kat_tree_runs"
 
 def _runs_sdpa(module, query, key, value, attention_mask, tree_runs=None, **kw):
-    """sdpa run by run (`RunLayout.runs`): the ancestors' keys in front of the run's own, a causal call where there are none.
-    The row is cut once (`split`) and each run's keys are a `cat` of pieces: per-run slices or gathers of the whole row
-    would each cost a row-sized zero tensor in the backward pass (measured: a third of the step)."""
+    """sdpa run by run (`RunLayout.runs`): the shared prefix's keys (if the run sees them) and its ancestors' in front of
+    the run's own, a causal call where there are none. The row is cut once (`split`) and each run's keys are a `cat` of
+    pieces: per-run slices or gathers of the whole row would each cost a row-sized zero tensor in the backward pass
+    (measured: a third of the step). Keys beyond the queries (a cache) are the prefix."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if tree_runs is None: return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
     if query.shape[0] != 1: raise ValueError(f"tree runs need one unpadded row, got a batch of {query.shape[0]}")
-    lens = [e - s for s, e, _, _ in tree_runs]
-    qs, ks, vs = query.split(lens, 2), key.split(lens, 2), value.split(lens, 2)
+    lens = [e - s for s, e, *_ in tree_runs]; P = key.shape[2] - query.shape[2]
+    qs, ks, vs = query.split(lens, 2), key.split([P] + lens, 2), value.split([P] + lens, 2)
+    pk, pv, ks, vs = ks[0], vs[0], ks[1:], vs[1:]
     out = []
-    for r, (s, e, anc, mask) in enumerate(tree_runs):
-        k = torch.cat([ks[a] for a in anc] + [ks[r]], 2) if anc else ks[r]
-        v = torch.cat([vs[a] for a in anc] + [vs[r]], 2) if anc else vs[r]
+    for r, (s, e, anc, root, mask) in enumerate(tree_runs):
+        if mask is None: k, v = ks[r], vs[r]
+        else:
+            k = torch.cat(([pk] if root else []) + [ks[a] for a in anc] + [ks[r]], 2)
+            v = torch.cat(([pv] if root else []) + [vs[a] for a in anc] + [vs[r]], 2)
         out.append(sdpa_attention_forward(module, qs[r], k, v, mask, **kw)[0])
     return torch.cat(out, 1), None
 
@@ -87,13 +95,18 @@ def runs_supported(model) -> bool:
     m = _unwrap(model)
     return getattr(m.config, "_attn_implementation", None) == "sdpa" and _decoder_and_head(m) is not None
 
-def tree_runs_logits(model, batch:dict, layout:RunLayout|None=None) -> "torch.Tensor":
-    "Logits (fp32) at the batch's loss pairs (`pair_index`), the same as `kat_nb.tree.tree_loss`'s, by runs on one unpadded row."
+def runs_hidden(model, layout:RunLayout, **kw) -> "torch.Tensor":
+    "The decoder's last hidden states (N, hidden) over `layout`'s row, attention by runs; `kw` e.g. a prefix's cache (`cache_kw`)."
     from kat_nb.tree import _unwrap, _decoder_and_head, _attn_implementation
-    if not runs_supported(model): raise ValueError("tree_runs_logits needs an sdpa model with a separable LM head; use kat_nb.tree.tree_loss")
-    layout = layout or run_layout(batch)
-    m = _unwrap(model); dec, head = _decoder_and_head(m); _register()
+    if not runs_supported(model): raise ValueError("attention by runs needs an sdpa model with a separable LM head; use kat_nb.tree.tree_loss")
+    m = _unwrap(model); dec = _decoder_and_head(m)[0]; _register()
     with _attn_implementation(m, TREE_RUNS):
-        hidden = dec(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=None, use_cache=False,
-                     tree_runs=layout.runs).last_hidden_state[0]
-    return head(hidden[layout.pair_index]).float()
+        return dec(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=None, tree_runs=layout.runs,
+                   **{"use_cache": False, **kw}).last_hidden_state[0]
+
+def tree_runs_logits(model, batch:dict, layout:RunLayout|None=None) -> "torch.Tensor":
+    "Logits (fp32) at the batch's loss pairs (`pair_index`) by runs on one unpadded row: what `kat_nb.tree.tree_loss` computes."
+    from kat_nb.tree import _unwrap, _decoder_and_head
+    layout = layout or run_layout(batch)
+    hidden = runs_hidden(model, layout)
+    return _decoder_and_head(_unwrap(model))[1](hidden[layout.pair_index]).float()

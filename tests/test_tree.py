@@ -100,27 +100,28 @@ def test_shared_prefix_corner_cases(model, seqs):
     assert max(float((a - p.grad).norm() / p.grad.norm().clamp_min(1e-12)) for a, p in zip(gt, model.parameters())) < TOL
 
 
-def test_sdpa_segments_equal_the_dense_mask():
-    """An sdpa model runs each packed tree of a row alone (`tree_segments`); eager and sdpa without `row_len` take the
-    dense LxL mask. Both must give the same loss and gradients: rows with several trees, padding, a shared prefix."""
-    from kat_nb.tree import tree_segments
+def test_sdpa_runs_equal_the_dense_mask():
+    """An sdpa model takes a tree batch's attention by runs on one unpadded row (`kat_nb.tree_runs`); sdpa without
+    `row_len` takes the dense LxL mask. Both must give the same loss and gradients: rows with several trees, padding,
+    a shared prefix."""
+    from kat_nb.tree_runs import chain_runs, run_layout
     model = tiny_qwen3(attn_implementation="sdpa", seed=2)
     seqs = [{"input_ids": s} for s in [[3] + list(range(20, 32)) + [40 + i, 41] for i in range(4)] + [[3, 4, 5 + i, 6] for i in range(3)] + [[9, 8, 7, 6, 5], [9, 8, 2]]]
     for share_root, max_tokens in [(True, 8), (False, 40)]:
         item = tree_step_dataset(seqs, step_tokens=10**6, max_tokens=max_tokens, seed=None, share_root=share_root)[0]
         batch = TreeCollator(normalize="token")([item])
-        segs = tree_segments(batch["subtree_end"], batch["row_len"], batch.get("under_root"), len(item["root_ids"]))
-        assert len(segs) > len(batch["row_len"])                       # some row holds several trees
-        assert all(batch["row_len"][b] == max(e for r, _, e, _ in segs if r == b) for b in range(len(batch["row_len"])))
+        lay = run_layout(batch, len(item["root_ids"]))
+        assert sum(not anc for _, _, anc, _, _ in lay.runs) > len(batch["row_len"])     # some row holds several trees
+        assert lay.input_ids.shape[1] == int(batch["row_len"].sum())                     # no padding
         grads = []
         for b in (batch, {k: v for k, v in batch.items() if k != "row_len"}):
             model.zero_grad(); loss, _ = tree_loss(model, b); loss.backward()
             grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
-        assert model.config._attn_implementation == "sdpa"             # the segmented implementation is switched back
+        assert model.config._attn_implementation == "sdpa"             # the runs implementation is switched back
         (l1, g1), (l0, g0) = grads
         assert abs(l1 - l0) / l0 < 1e-5 and max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(g1, g0)) < 1e-5
-    with pytest.raises(ValueError, match="row 0: token 0 has subtree end 9"):
-        tree_segments(torch.tensor([[9, 2, 3]]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="token 0: subtree end 9 outside"):
+        chain_runs([9, 2, 3])
 
 
 def test_real_traces_exact_with_masks(model):
