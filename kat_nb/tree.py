@@ -4,7 +4,7 @@
 
 # %% ../nbs/lib/12_tree.ipynb #f2eddbc5
 from __future__ import annotations
-import hashlib, json, math, random, statistics, time
+import bisect, hashlib, itertools, json, math, os, random, re, statistics, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -14,11 +14,10 @@ __all__ = ['TREE_KEYS', 'FLEX_KERNEL_OPTIONS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP
            'BENCH_MODEL', 'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees',
            'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_loss',
            'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
-           'bpe_tokenizer', 'tokenizer_fingerprint', 'check_trees', 'render_pieces', 'tokenize_messages',
-           'branching_traces', 'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups', 'pack_step',
-           'tree_step_dataset', 'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin', 'tree_trainer',
-           'tree_training', 'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree',
-           'compare_training']
+           'tokenizer_fingerprint', 'check_trees', 'chat_pieces', 'tokenize_messages', 'branching_traces',
+           'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups', 'pack_step', 'tree_step_dataset',
+           'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin', 'tree_trainer', 'tree_training',
+           'tree_sft_args', 'node_entropy', 'prune_tree', 'train_step', 'peak_rss_mb', 'bench_tree', 'compare_training']
 
 # %% ../nbs/lib/12_tree.ipynb #05fa1fec
 @dataclass
@@ -491,23 +490,12 @@ def tree_stats(x:list[Tree]|dict|list[dict], # trees, a collated batch, or packe
 
 # %% ../nbs/lib/12_tree.ipynb #a1e45d36
 class ByteTokenizer:
-    "UTF-8 bytes as token ids (vocabulary 256): a tokenizer with no training, for lessons and benchmarks."
+    "UTF-8 bytes as token ids (vocabulary 256): a tokenizer with no training, for lessons (benchmarks use `kat_nb.model.train_tokenizer`)."
     name_or_path, vocab_size = "bytes", 256
     def encode(self, text:str, add_special_tokens:bool=False) -> list[int]: return list(text.encode("utf-8"))
     def decode(self, ids:list[int]) -> str: return bytes(ids).decode("utf-8", errors="replace")
     def __len__(self): return 256
     def get_vocab(self) -> dict: return {chr(i) if 32 <= i < 127 else f"<0x{i:02X}>": i for i in range(256)}
-
-def bpe_tokenizer(texts:Iterable[str], # training text (e.g. rendered traces)
-                  vocab_size:int=1024):
-    "A small byte-level BPE `PreTrainedTokenizerFast` trained on `texts` with the chat-format special tokens (benchmarks, tests)."
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE()); tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False); tk.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-    tk.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 def tokenizer_fingerprint(tokenizer) -> str:
     "`name:hash` of a tokenizer's name and vocabulary (HF tokenizers and `ByteTokenizer`)."
@@ -535,35 +523,60 @@ def check_trees(trees:list[Tree], # trees to train on
                              "re-tokenize the trajectories with the model's tokenizer")
 
 # %% ../nbs/lib/12_tree.ipynb #9604d7d1
-def render_pieces(msg:dict) -> list[tuple[str, str, bool]]:
-    "A message as (text, kind, trainable) pieces in the Qwen3 chat format; kinds: system, user, memory, assistant, tool_call, tool."
-    role, content = msg["role"], msg.get("content") or ""
-    if role == "tool":
-        return [(f"<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n", "tool", False)]
-    if role != "assistant":
-        return [(f"<|im_start|>{role}\n{content}<|im_end|>\n", msg.get("kind", role), False)]
-    out = [("<|im_start|>assistant\n", "assistant", False), (content, "assistant", True)]
-    for c in msg.get("tool_calls") or []:
-        f = c.get("function", c)
-        out.append(("\n<tool_call>\n" + json.dumps({"name": f["name"], "arguments": f.get("arguments", {})}) + "\n</tool_call>", "tool_call", True))
-    out.append(("<|im_end|>\n", out[-1][1], True))
+def chat_pieces(messages:list[dict], # one context: chat messages (`kind` names a user message's role in the tree, e.g. memory)
+                tools:list[dict]|None=None, # tool schemas the template lists in the system turn
+               ) -> list[tuple[str, str, int, int]]:
+    """The project chat template's text of `messages` (`kat_nb.model.render_chat`, the one renderer) cut into pieces
+    `(text, kind, trained_chars, message)`: kinds system, user, memory, assistant, tool_call, tool; an assistant turn's
+    content, calls and `<|im_end|>` are trained (`trained_chars` from the piece's start), its header and the newline after
+    it are not, as in the template's generation block. Each message's span is where the rendering of the messages before
+    it stops agreeing with the whole (a run of tool results shares one user turn)."""
+    from kat_nb.model import render_chat
+    msgs = [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")} for m in messages]
+    full = render_chat(msgs, tools)
+    cuts = [0] + [len(os.path.commonprefix([render_chat(msgs[:i], tools), full])) for i in range(1, len(msgs))] + [len(full)]
+    out = []
+    for i, m in enumerate(messages):
+        text = full[cuts[i]:cuts[i + 1]]
+        if m["role"] != "assistant":
+            out.append((text, "tool" if m["role"] == "tool" else m.get("kind", m["role"]), 0, i)); continue
+        head, end = "<|im_start|>assistant\n", text.rfind("<|im_end|>")
+        if not text.startswith(head) or end < 0: raise ValueError(f"message {i}: the template rendered an assistant turn as {text[:60]!r}")
+        out.append((head, "assistant", 0, i))
+        kind = "assistant"
+        for part in re.split(r"(\n?<tool_call>.*?</tool_call>)", text[len(head):end], flags=re.S):
+            if part: kind = "tool_call" if "<tool_call>" in part else "assistant"; out.append((part, kind, len(part), i))
+        out.append((text[end:], kind, len("<|im_end|>"), i))
     return out
 
 def tokenize_messages(messages:list[dict], # one context: chat messages
-                      tokenizer, # HF tokenizer or `ByteTokenizer` (anything with `encode`)
+                      tokenizer, # a fast HF tokenizer (the text is tokenized whole, as the model sees it) or `ByteTokenizer`
                       context:int=0, # leading messages that are context only (no loss)
                       assistant_only:bool=True, # loss on assistant tokens only
-                      render:Callable=render_pieces,
+                      tools:list[dict]|None=None, # tool schemas (the template's system turn lists them)
                      ) -> dict:
-    "`input_ids`, `loss_mask`, piece `boundaries` and their `kinds` for one trajectory."
-    ids, mask, bounds, kinds = [], [], [], []
-    for i, m in enumerate(messages):
-        for text, kind, trainable in render(m):
-            if not text: continue
-            t = tokenizer.encode(text, add_special_tokens=False)
-            bounds.append(len(ids)); kinds.append(kind); ids += t
-            on = i >= context and not m.get("error") and (trainable or not assistant_only)
-            mask += [int(on)] * len(t)
+    """`input_ids`, `loss_mask`, piece `boundaries` and their `kinds` for one trajectory, rendered by the chat template
+    (`chat_pieces`). No loss on context messages, on turns marked `error` or `loss: false`, and (`assistant_only`) outside
+    the assistant turns' trained spans. A token belongs to the piece its first character is in."""
+    pieces = chat_pieces(messages, tools)
+    starts = list(itertools.accumulate([0] + [len(t) for t, *_ in pieces]))
+    def on(p, c):                               # is character c (from the piece's start) of piece p trained?
+        text, kind, trained, i = pieces[p]; m = messages[i]
+        return i >= context and not m.get("error") and m.get("loss", True) is not False and (c < trained or not assistant_only)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer("".join(t for t, *_ in pieces), add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], [a for a, _ in enc["offset_mapping"]]
+    else:                                       # bytes (`ByteTokenizer`): each piece alone, one id per UTF-8 byte
+        ids, offs = [], []
+        for (text, *_), s in zip(pieces, starts):
+            ids += tokenizer.encode(text, add_special_tokens=False)
+            offs += [s + c for c, ch in enumerate(text) for _ in ch.encode("utf-8")]
+        if len(ids) != len(offs): raise ValueError(f"{type(tokenizer).__name__}: a slow tokenizer must give one id per UTF-8 byte; use a fast HF tokenizer")
+    piece = [bisect.bisect_right(starts, o) - 1 for o in offs]
+    mask = [int(on(p, o - starts[p])) for p, o in zip(piece, offs)]
+    bounds, kinds = [], []
+    for k, p in enumerate(piece):
+        if k == 0 or p != piece[k - 1]: bounds.append(k); kinds.append(pieces[p][1])
     return {"input_ids": ids, "loss_mask": mask, "boundaries": bounds, "kinds": kinds}
 
 # %% ../nbs/lib/12_tree.ipynb #fe59cacb
@@ -641,9 +654,9 @@ def _run_route(t:dict, script:list, system:str) -> list[dict]:
 def branching_traces(n:int=2, # trace groups (tasks)
                      seed:int=0,
                      source:str="auto", # "world" (kat_nb.world tasks), "synthetic", or "auto" (world when installed)
-                     tools:bool=True, # list the tool schemas in the system prompt (as the chat template does)
+                     tools:bool=True, # give the group its tool schemas (`tools`: the chat template lists them in the system turn)
                     ) -> list[dict]:
-    "Trace groups `{task_id, source, routes: {name: messages}}`: six routes from one state, with compaction and mode-switch events."
+    "Trace groups `{task_id, source, routes: {name: messages}, tools}`: six routes from one state, with compaction and mode-switch events."
     rng = random.Random(seed)
     if source == "auto":
         try: import kat_nb.world; source = "world"
@@ -658,8 +671,8 @@ def branching_traces(n:int=2, # trace groups (tasks)
     else: raise ValueError(f"source must be 'auto', 'world' or 'synthetic', got {source!r}")
     out = []
     for t in tasks:
-        system = t["system"] + ("\n\n# Tools\n<tools>\n" + "\n".join(json.dumps(s) for s in schemas) + "\n</tools>" if tools else "")
-        out.append({"task_id": t["id"], "source": source, "routes": {k: _run_route(t, s, system) for k, s in _routes(t, rng).items()}})
+        out.append({"task_id": t["id"], "source": source, "routes": {k: _run_route(t, s, t["system"]) for k, s in _routes(t, rng).items()},
+                    "tools": schemas if tools else None})
     return out
 
 # %% ../nbs/lib/12_tree.ipynb #bd6c5a42
@@ -681,13 +694,12 @@ def split_trace(messages:list[dict]) -> list[dict]:
 def trees_from_traces(groups:list[dict], # from `branching_traces` (or records with `routes` / `messages`)
                       tokenizer, # HF tokenizer or `ByteTokenizer`
                       assistant_only:bool=True,
-                      render:Callable=render_pieces,
                      ) -> list[Tree]:
     "Trees of the segments of every route, one forest per group (routes of a group share their prefixes)."
     fp, trees = tokenizer_fingerprint(tokenizer), []
     for g in groups:
         routes = g["routes"].values() if "routes" in g else [g["messages"]]
-        seqs = [tokenize_messages(s["messages"], tokenizer, s["context"], assistant_only, render) for r in routes for s in split_trace(r)]
+        seqs = [tokenize_messages(s["messages"], tokenizer, s["context"], assistant_only, g.get("tools")) for r in routes for s in split_trace(r)]
         trees += build_trees(seqs, tokenizer=fp)
     return trees
 
@@ -994,6 +1006,11 @@ def peak_rss_mb(fn:Callable) -> tuple[Any, float]:
     return out, max(peak[0], _rss_mb()) - base
 
 # %% ../nbs/lib/12_tree.ipynb #58fff604
+def _trace_tokenizer(groups:list[dict], vocab_size:int=1024):
+    "The project's BPE (`kat_nb.model.train_tokenizer`, chat template included) trained on the groups' routes as the template renders them."
+    from kat_nb.model import render_chat, train_tokenizer
+    return train_tokenizer([render_chat([m for m in r if m["role"] != "event"], g["tools"]) for g in groups for r in g["routes"].values()], vocab_size)
+
 BENCH_MODEL = {"quick": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384),
                "full": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768)}
 
@@ -1004,13 +1021,13 @@ def bench_tree(quick:bool=False, # one small group, a small model, one timed rep
                attn_implementation:str="sdpa",
                seed:int=0,
               ) -> list[dict]:
-    "Tree vs flat packed training on branching traces: ideal token ratio, measured step speed-up, gradient agreement, peak memory."
+    "Tree vs flat packed training on branching traces (the project chat template and tokenizer): ideal token ratio, measured step speed-up, gradient agreement, peak memory."
     import torch
     n_groups, repeats = n_groups or (2 if quick else 6), repeats or (1 if quick else 3)
     groups = branching_traces(n_groups, seed=seed, tools=True)
-    tok = bpe_tokenizer((t for g in groups for r in g["routes"].values() for m in r if m["role"] != "event" for t, _, _ in render_pieces(m)), 1024)
+    tok = _trace_tokenizer(groups)
     fp = tokenizer_fingerprint(tok)
-    seqs = [[tokenize_messages(s["messages"], tok, s["context"]) for r in g["routes"].values() for s in split_trace(r)] for g in groups]
+    seqs = [[tokenize_messages(s["messages"], tok, s["context"], tools=g["tools"]) for r in g["routes"].values() for s in split_trace(r)] for g in groups]
     trees = [t for g in seqs for t in build_trees(g, tokenizer=fp)]
     flat = [t for g in seqs for s in g for t in build_trees([s], tokenizer=fp)]
     rows = {"tree": pack_rows(trees, max_tokens), "flat": pack_rows(flat, max_tokens)}
@@ -1054,8 +1071,8 @@ def compare_training(steps:int=20, # optimizer steps (each over all rows)
     "Validation loss and training time after `steps` full-batch steps, with and without tree packing (same seed)."
     import torch
     groups = branching_traces(n_train + n_valid, seed=seed, tools=True)
-    tok = bpe_tokenizer((t for g in groups for r in g["routes"].values() for m in r if m["role"] != "event" for t, _, _ in render_pieces(m)), 1024)
-    seqs = [[tokenize_messages(s["messages"], tok, s["context"]) for r in g["routes"].values() for s in split_trace(r)] for g in groups]
+    tok = _trace_tokenizer(groups)
+    seqs = [[tokenize_messages(s["messages"], tok, s["context"], tools=g["tools"]) for r in g["routes"].values() for s in split_trace(r)] for g in groups]
     train, valid = seqs[:n_train], seqs[n_train:]
     vb = _step_batches(pack_rows([t for g in valid for t in build_trees(g)], max_tokens))
     data = {"tree": _step_batches(pack_rows([t for g in train for t in build_trees(g)], max_tokens)),

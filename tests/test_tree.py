@@ -4,8 +4,8 @@ import math, tempfile
 import pytest
 import torch
 
-from kat_nb.tree import (ByteTokenizer, TreeCollator, bench_tree, bpe_tokenizer, branching_traces, build_trees, check_trees,
-                         collate_tree_rows, compare_grads, node_entropy, pack_rows, prune_tree, random_branches, render_pieces,
+from kat_nb.tree import (ByteTokenizer, TreeCollator, _trace_tokenizer, bench_tree, branching_traces, build_trees, check_trees,
+                         collate_tree_rows, compare_grads, node_entropy, pack_rows, prune_tree, random_branches,
                          split_trace, split_tree, step_groups, tiny_qwen3, tokenize_messages, tokenizer_fingerprint, tree_dataset,
                          flat_loss, tree_loss, tree_sft_args, tree_stats, tree_step_dataset, tree_trainer, trees_from_traces)
 
@@ -204,8 +204,7 @@ def test_sft_trainer_seam():
     from trl import SFTTrainer
     from transformers.trainer_callback import PrinterCallback
     groups = branching_traces(1, source="synthetic", tools=False)
-    tok = bpe_tokenizer((t for g in groups for r in g["routes"].values() for m in r if m["role"] != "event"
-                         for t, _, _ in render_pieces(m)), 400)
+    tok = _trace_tokenizer(groups, 400)
     trees = trees_from_traces(groups, tok)
     model = tiny_qwen3(vocab_size=len(tok))
     check_trees(trees, model, tok)
