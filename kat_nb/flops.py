@@ -37,9 +37,10 @@ def model_shape(model) -> dict:
     import torch
     m = getattr(model, "module", model); cfg = m.config
     head = m.get_output_embeddings()
-    body = sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear) and x is not head)
+    n = lambda w: getattr(w, "ds_numel", w.numel())          # DeepSpeed ZeRO-3 leaves each rank an empty partition
+    body = sum(n(x.weight) for x in m.modules() if isinstance(x, torch.nn.Linear) and x is not head)
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {"body": body, "head": head.weight.numel() if head is not None else 0, "layers": cfg.num_hidden_layers,
+    return {"body": body, "head": n(head.weight) if head is not None else 0, "layers": cfg.num_hidden_layers,
             "attn_dim": cfg.num_attention_heads * hd}
 
 def train_flops(shape:dict, # `model_shape`

@@ -194,7 +194,6 @@ def bench_sft_rows(rows:list[dict], tokenizer, model_cfg:dict, seq_len:int=1024,
                    tree:dict|None=None, # tree packing keys (default: the tiny profile's `sft:` values)
                    configs:tuple=PACKING_CONFIGS, seed:int=0) -> list[dict]:
     "`kat_nb.train.bench_packing` on chat `rows` (assistant-only labels), each cut to `seq_len` tokens; floats rounded."
-    from kat_nb.model import build_model
     enc = sft_tokenize(rows, tokenizer)
     docs = [{"input_ids": x[:seq_len], "labels": y[:seq_len]} for x, y in zip(enc["input_ids"], enc["labels"]) if any(t != -100 for t in y[1:seq_len])]
     tree = tree or {"tree_row_tokens": 1024, "tree_share_root": True}

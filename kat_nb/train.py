@@ -190,7 +190,8 @@ def train_and_save(trainer, tokenizer, out_dir:Path, live, resume, start_file:Pa
     trainer.accelerator.wait_for_everyone()   # no rank reads models/<stage> before rank 0 has written it
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
     unset_hf_deepspeed_config()               # after ZeRO-3, a later from_pretrained in this process must load whole weights, not empty partitions
-    say(f"val loss {val_start} -> {val_end:.4f}" + (f"; {metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%}" if metrics["tokens_per_s"] else ""))
+    say(f"val loss {val_start} -> {val_end:.4f}" + (f"; {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else "")
+        + (f", MFU {metrics['mfu']:.1%}" if metrics["mfu"] else ""))
     return metrics
 
 # %% ../nbs/lib/06_train.ipynb #b091c5df
