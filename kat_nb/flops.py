@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['matmul_peak', 'Work', 'model_shape', 'train_flops', 'batch_work', 'CountWork', 'counted', 'mfu']
+__all__ = ['matmul_peak', 'Work', 'model_shape', 'train_flops', 'batch_work', 'CountWork', 'counted', 'utilisation', 'mfu']
 
 # %% ../nbs/lib/05a_flops.ipynb #e6c5202e
 def matmul_peak(n:int=2048, # square matrix size
@@ -92,9 +92,12 @@ def counted(trainer_cls:type) -> type:
     "`trainer_cls` (an HF `Trainer` subclass) that counts its work (`CountWork`)."
     return trainer_cls if issubclass(trainer_cls, CountWork) else type(f"Counted{trainer_cls.__name__}", (CountWork, trainer_cls), {})
 
-def mfu(model, work:Work, seconds:float, peak:float|None=None) -> dict:
-    "Model FLOPs per second of `work` done in `seconds`, the peak (measured now unless given) and their ratio."
-    if not seconds or not work.tokens: return {"model_flops_per_s": None, "peak_flops_per_s": None, "mfu": None}
+def utilisation(flops:float, seconds:float, peak:float|None=None) -> dict:
+    "`flops` done in `seconds` per second, the peak (measured now unless given) and their ratio (all None without work)."
+    if not seconds or not flops: return {"model_flops_per_s": None, "peak_flops_per_s": None, "mfu": None}
     peak = peak or matmul_peak()
-    f = train_flops(model_shape(model), work) / seconds
-    return {"model_flops_per_s": round(f), "peak_flops_per_s": round(peak), "mfu": round(f / peak, 4)}
+    return {"model_flops_per_s": round(flops / seconds), "peak_flops_per_s": round(peak), "mfu": round(flops / seconds / peak, 4)}
+
+def mfu(model, work:Work, seconds:float, peak:float|None=None) -> dict:
+    "Model FLOPs per second of `work` done in `seconds` on `model`, the peak and their ratio (`utilisation`)."
+    return utilisation(train_flops(model_shape(model), work) if work.tokens else 0, seconds, peak)

@@ -8,8 +8,8 @@ import math, random, time
 from dataclasses import dataclass, field
 from typing import Callable
 from .env import run_episodes
-from .tree import Tree, build_trees, pack_rows, collate_tree_rows, tree_loss
-from .tree_runs import RunLayout, run_layout, runs_supported, tree_runs_logits
+from .tree import Tree, build_trees, pack_rows, collate_tree_rows, tree_logits
+from .tree_runs import RunLayout, run_layout
 from .reward import score_rollouts, grpo_advantages, informative_groups, task_references
 
 # %% auto #0
@@ -123,7 +123,7 @@ def grpo_batch(seqs:list[dict],            # rollouts: `input_ids`, `loss_mask` 
         path = _branch_path(trees[ti], s["input_ids"], kids[ti])
         branch_pairs.append([pair_of[node_key[ti][n] + k] for p, (n, k) in enumerate(path) if p and s["loss_mask"][p]])
     P = len(pair_key); w_pos, w_neg, w_all = _pair_weights(P, branch_pairs, w, advantages)
-    batch["pair_weight"] = torch.zeros(P)      # `tree_loss` serves the logits; the objective weighs them itself
+    batch["pair_weight"] = torch.zeros(P)      # `tree_logits` serves the logits; the objective weighs them itself
     f = lambda x: torch.tensor(x, dtype=torch.float32)
     return GrpoBatch(batch, f(w_pos), f(w_neg), f(w_all), branch_pairs, int(batch["tokens_tree"]), int(batch["tokens_flat"]))
 
@@ -131,10 +131,7 @@ def grpo_batch(seqs:list[dict],            # rollouts: `input_ids`, `loss_mask` 
 def pair_logp(model, gb:GrpoBatch, entropy:bool=False):
     "Log-probability of every loss pair's token under `model` (and the entropy of its predictive distribution)."
     import torch.nn.functional as F
-    if runs_supported(model):     # one unpadded row, attention run by run (`kat_nb.tree_runs`): the work of the visible pairs
-        if gb.layout is None: gb.layout = run_layout(gb.batch)
-        logits = tree_runs_logits(model, gb.batch, gb.layout)
-    else: logits = tree_loss(model, gb.batch)[1]["logits"]   # eager / flex_attention models: the dense per-tree masks
+    logits, gb.layout = tree_logits(model, gb.batch, gb.layout)   # by runs (sdpa; the layout kept for the step's next passes) or dense
     logp = -F.cross_entropy(logits, gb.batch["pair_label"], reduction="none")
     if not entropy: return logp
     lp = logits.log_softmax(-1)

@@ -10,7 +10,7 @@ from typing import Callable
 from .env import HFPolicy
 from .rft import stream_tokens, episode_tokens
 from .rl import rollout_groups, grpo_batch, pair_logp, grpo_loss, reshape_advantages, rollout_entropy
-from .flops import batch_work, model_shape, train_flops, matmul_peak
+from .flops import batch_work, model_shape, train_flops, utilisation
 
 # %% auto #0
 __all__ = ['LIVE_KEYS', 'episode_sequence', 'turn_segments', 'prune_rollouts', 'save_checkpoint', 'rl_step', 'run_rl']
@@ -145,12 +145,6 @@ def rl_step(model, ref, opt, sched, tokenizer, tasks:list, rl:dict, device:str="
             "generated_tokens": rs["generated_tokens"]}
 
 # %% ../nbs/lib/15a_rl_train.ipynb #bc937975
-def _update_mfu(flops:float, seconds:float) -> dict:
-    "MFU of the updates (their model FLOPs over their seconds, which include the reference model's and pruning's forwards)."
-    if not flops or not seconds: return {"mfu": None}
-    peak = matmul_peak()
-    return {"update_flops_per_s": round(flops / seconds), "peak_flops_per_s": round(peak), "mfu": round(flops / seconds / peak, 4)}
-
 def run_rl(tasks:list,                 # steps x tasks_per_step train tasks, in the order the steps take them
            init_dir:str|Path,          # the input checkpoint (model + tokenizer); the KL term's reference
            rl:dict,                    # the `rl:` params section
@@ -207,7 +201,7 @@ def run_rl(tasks:list,                 # steps x tasks_per_step train tasks, in 
             "update_seconds": round(tot("update_seconds"), 1), "generated_tokens": tot("generated_tokens"),
             "update_tokens_per_s": round(tot("tokens_tree") / tot("update_seconds"), 1) if tot("update_seconds") else None,
             "ideal_token_ratio": round(tot("tokens_flat") / tot("tokens_tree"), 3) if tot("tokens_tree") else None,
-            **_update_mfu(tot("update_flops"), tot("update_seconds")),
+            **utilisation(tot("update_flops"), tot("update_seconds")),   # update seconds include the reference's and pruning's forwards
             **{f"{k}_first": first.get(k) for k in ("reward", "pass_rate", "entropy", "turns", "resolved_turns")},
             **{f"{k}_last": last.get(k) for k in ("reward", "pass_rate", "entropy", "turns", "resolved_turns", "kl")},
             "pruned_share_mean": round(tot("pruned_share") / len(h), 4) if h else None,

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 # %% auto #0
 __all__ = ['TREE_KEYS', 'FLEX_KERNEL_OPTIONS', 'MODE_PROMPTS', 'ROW_KEYS', 'STEP_KEYS', 'PAIR_KEYS', 'TREE_STEP_ARGS',
            'BENCH_MODEL', 'Tree', 'build_trees', 'serialize', 'tree_attention_mask', 'split_tree', 'pack_trees',
-           'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_loss',
-           'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
+           'pack_rows', 'flat_tokens', 'collate_tree_rows', 'tree_mask_for', 'tree_block_mask', 'tree_logits',
+           'tree_loss', 'flat_loss', 'tiny_qwen3', 'compare_grads', 'random_branches', 'tree_stats', 'ByteTokenizer',
            'tokenizer_fingerprint', 'check_trees', 'chat_pieces', 'tokenize_messages', 'branching_traces',
            'split_trace', 'trees_from_traces', 'tree_dataset', 'step_groups', 'pack_step', 'tree_step_dataset',
            'tree_step_data', 'collate_step', 'TreeCollator', 'TreeLossMixin', 'tree_trainer', 'tree_training',
@@ -359,21 +359,28 @@ def _decoder_and_head(m):
     except (AttributeError, NotImplementedError): return None
     return (dec, head) if dec is not None and dec is not m and head is not None else None
 
+def tree_logits(model, # a causal LM (HF); sdpa, eager or flex_attention
+                batch:dict, # from `collate_tree_rows` (no shared prefix), on the model's device
+                layout=None, # a `kat_nb.tree_runs.RunLayout` of `batch` already made (callers that reuse a batch keep it)
+               ) -> tuple["torch.Tensor", Any]:
+    "Logits (fp32) at the batch's loss pairs, and the run layout used (None on the dense path: eager, flex_attention)."
+    if _by_runs(model, batch):     # one unpadded row, attention run by run: the work of the visible pairs
+        from kat_nb.tree_runs import run_layout, tree_runs_logits
+        layout = layout or run_layout(batch)
+        return tree_runs_logits(model, batch, layout), layout
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **_tree_attention(model, batch))
+    parts = _decoder_and_head(_unwrap(model))
+    if parts:            # the LM head only where a loss is taken (assistant-only SFT: ~1/5 of the tokens)
+        return parts[1](parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]).float(), None
+    return model(**kw).logits.flatten(0, 1)[batch["pair_index"]].float(), None
+
 def tree_loss(model, # a causal LM (HF); sdpa, eager or flex_attention
               batch:dict, # from `collate_tree_rows` / `collate_step` (on the model's device)
               ) -> tuple["torch.Tensor", Any]:
     "The weighted loss of a tree batch and the logits at the loss positions: sum over pairs of weight x CE(logits[pos], label)."
     import torch.nn.functional as F
     if "root_ids" in batch: return _rooted_loss(model, batch)
-    if _by_runs(model, batch):     # one unpadded row, attention run by run: the work of the visible pairs
-        from kat_nb.tree_runs import tree_runs_logits
-        logits = tree_runs_logits(model, batch)
-    else:
-        kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **_tree_attention(model, batch))
-        parts = _decoder_and_head(_unwrap(model))
-        if parts:        # the LM head only where a loss is taken (assistant-only SFT: ~1/5 of the tokens)
-            logits = parts[1](parts[0](**kw).last_hidden_state.flatten(0, 1)[batch["pair_index"]]).float()
-        else: logits = model(**kw).logits.flatten(0, 1)[batch["pair_index"]].float()
+    logits, _ = tree_logits(model, batch)
     ce = F.cross_entropy(logits, batch["pair_label"], reduction="none")
     return (ce * batch["pair_weight"]).sum(), {"logits": logits}
 
