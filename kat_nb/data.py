@@ -449,7 +449,9 @@ def build_data(out_dir:Path|str, # the stage's data folder (`stage_dirs(out_root
     for name, tasks in splits.items(): write_jsonl(out/"world"/f"{name}.jsonl", (x.to_dict() for x in tasks))
     t["world"] = time.time() - t0; t0 = time.time()
     traj = {s: world_trajectories(splits[s], seed) for s in ("train", "valid", "test")}
-    for s in ("train", "valid"): write_jsonl(out/"world"/"trajectories"/f"{s}.jsonl", traj[s])
+    for s in ("train", "valid", "test"): write_jsonl(out/"world"/"trajectories"/f"{s}.jsonl", traj[s])
+    # test: what the evaluation's edit-turn metric compares against (kat_nb.eval.edit_turn_accuracy); the test tasks
+    # already carry their solutions, and no training stage reads this file (they name train.jsonl and valid.jsonl)
     t["trajectories"] = time.time() - t0; t0 = time.time()
     rows = code_rows(mt["stdlib_files"], mt["chunk_chars"]); t["code"] = time.time() - t0; t0 = time.time()
     held = set(world.get("held_out_bug_kinds", []))

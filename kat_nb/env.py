@@ -4,7 +4,7 @@
 
 # %% ../nbs/lib/10_env.ipynb #2ab8aa6d
 from __future__ import annotations
-import json, time
+import inspect, json, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, runtime_checkable
@@ -12,7 +12,8 @@ from .world import Task, Workspace, TOOLS, SYSTEM_PROMPT, run_hidden_tests, teac
 from .model import cache_kw, parse_assistant, render_chat
 
 # %% auto #0
-__all__ = ['Policy', 'assistant_text', 'Episode', 'run_episodes', 'TeacherPolicy', 'summarize', 'HFPolicy', 'bench_rollout']
+__all__ = ['MIN_SHARED_PREFIX', 'Policy', 'assistant_text', 'Episode', 'run_episodes', 'TeacherPolicy', 'summarize', 'HFPolicy',
+           'bench_rollout']
 
 # %% ../nbs/lib/10_env.ipynb #85091500
 @runtime_checkable
@@ -97,6 +98,7 @@ def run_episodes(tasks:list[Task], policy:Policy,
                  tool_workers:int=4,        # threads executing a round's tool calls (each episode has its own workspace and sandbox)
                  start:Callable[[Task, float], Episode]|None=None, # the episode of a task (default `Episode.start`; the IDE harness: `kat_nb.ide.IdeEpisode.start`)
                  branch:tuple[int, int]|None=None, # (b, T): each run of b consecutive listings of one task is one episode that forks into b after T turns (RL's tree rollouts)
+                 overlap:bool=True,         # run an episode's tool calls as soon as its turn is written, while the policy writes the others' (a policy whose `act` takes `on_turn`)
                 ) -> list[dict]:
     """Run `policy` on every task through the real environment; one trajectory record per task, in order (a task listed
     G times is G episodes: a GRPO group). A policy that stops producing tool calls is done: after `max_format_errors`
@@ -107,16 +109,23 @@ def run_episodes(tasks:list[Task], policy:Policy,
     With `branch=(b, T)` the b listings of a task that follow one another share their first T turns: one episode runs
     them and then forks (`Episode.fork`: a copy of its workspace, history and token stream; a policy with a `fork`
     method, as `HFPolicy` with the cross-turn cache, copies its state too), so a GRPO group of G = (G/b) x b episodes
-    forms a prefix tree whose shared turns were sampled once and are trained once (`kat_nb.rl`)."""
+    forms a prefix tree whose shared turns were sampled once and are trained once (`kat_nb.rl`).
+
+    Generation overlaps tool execution: a policy whose `act` accepts `on_turn` (`HFPolicy` with the cross-turn cache)
+    hands over each episode's turn the moment that row stops, and its tool calls start on the thread pool while the
+    batch goes on decoding the longer turns (and the next cohort). A round still ends when every live episode has
+    acted, so the monitor, the branching and the records are what they are without the overlap."""
     t0, start = time.time(), start or Episode.start
     b, T = branch or (1, 0)
     if b > 1:
         if len(tasks) % b or any(tasks[i].id != tasks[j].id for i in range(0, len(tasks), b) for j in range(i, i + b)):
             raise ValueError(f"run_episodes: branch factor {b} needs runs of {b} consecutive listings of one task")
         if T < 1: raise ValueError(f"run_episodes: branch turn must be >= 1, got {T}")
-    eps, records, checked = [], [None] * len(tasks), {}
+    eps, records = [], [None] * len(tasks)
+    uniq = list({t.id: t for t in tasks}.values())         # each task's reference solution must pass its hidden tests
+    with ThreadPoolExecutor(max(1, tool_workers)) as ex:
+        checked = dict(zip([t.id for t in uniq], ex.map(lambda t: run_hidden_tests(t, t.solutions[0]) if t.solutions else None, uniq)))
     for i, t in enumerate(tasks):
-        if t.id not in checked: checked[t.id] = run_hidden_tests(t, t.solutions[0]) if t.solutions else None
         ref = checked[t.id]
         if ref is None or not ref.ok:
             why = "no reference solution" if ref is None else f"hidden tests fail on the reference solution: {(ref.stdout + ref.stderr)[-300:]}"
@@ -126,12 +135,19 @@ def run_episodes(tasks:list[Task], policy:Policy,
         else: eps.append((i, start(t, tool_timeout)))
     pool = ThreadPoolExecutor(tool_workers) if tool_workers > 1 else None
     each = (lambda f, xs: list(pool.map(f, xs))) if pool else (lambda f, xs: [f(x) for x in xs])   # tools wait on subprocesses: threads overlap them
+    streams = overlap and pool is not None and "on_turn" in inspect.signature(policy.act).parameters
     try:
         rounds = 0
         while (live := [e for _, e in eps if not e.done]) or (b > 1 and rounds < T):
             if live:
-                texts = policy.act(live)
-                each(lambda i: live[i].step(texts[i], max_turns, max_format_errors), range(len(live)))
+                steps = {}
+                def launch(e, text): steps[id(e)] = pool.submit(e.step, text, max_turns, max_format_errors)
+                texts = policy.act(live, on_turn=launch) if streams else policy.act(live)
+                if streams:
+                    for e, text in zip(live, texts):
+                        if id(e) not in steps: launch(e, text)
+                    for f in list(steps.values()): f.result()
+                else: each(lambda i: live[i].step(texts[i], max_turns, max_format_errors), range(len(live)))
                 for e in live:
                     if not e.done and sum(len(m["content"]) for m in e.messages) > max_chars: e.done, e.finish = True, "max_tokens"
                 if monitor is not None and (still := [e for e in live if not e.done]): monitor(still)
@@ -193,10 +209,11 @@ class HFPolicy:
                  batch_size:int=32,          # episodes generated together
                  temperature:float=0.0, use_cache:bool=True,
                  cross_turn_cache:bool=False, # keep each episode's KV cache between turns and feed only what is new (below)
+                 share_prefix:bool=True,      # cross-turn cache: the tokens every prompt starts with (system prompt, tool schemas) prefilled once per policy
                 ):
         self.model, self.tok, self.name = model.eval(), tokenizer, name
         self.max_new_tokens, self.batch_size, self.temperature, self.use_cache = max_new_tokens, batch_size, temperature, use_cache
-        self.cross_turn_cache, self._cohorts = cross_turn_cache, []
+        self.cross_turn_cache, self._cohorts, self.share_prefix, self._prefix = cross_turn_cache, [], share_prefix, None
         self.stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.generated_tokens = 0
 
@@ -235,8 +252,10 @@ class HFPolicy:
         for c in self._cohorts:
             if any(id(e) in children for e in c.eps): c.fork(children)
 
-    def act(self, episodes:list[Episode]) -> list[str]:
-        if self.cross_turn_cache: return _act_cached(self, episodes)
+    def act(self, episodes:list[Episode],
+            on_turn:Callable[[Episode, str], None]|None=None, # cross-turn cache: called with each episode's turn as soon as it is written
+           ) -> list[str]:
+        if self.cross_turn_cache: return _act_cached(self, episodes, on_turn)
         return self.generate([self.prompt(e.messages, e.ws.tools()) for e in episodes])
 
 # %% ../nbs/lib/10_env.ipynb #42defe02
@@ -286,29 +305,63 @@ def _feed(pol, c:_Cohort, ids:list[list[int]]):
     out = pol.model(input_ids=inp, attention_mask=c.mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kw(pol.model, c.cache))
     return out.logits[:, -1].float()
 
-def _sample_turn(pol, c:_Cohort, feed:list[list[int]]) -> dict[int, str]:
+MIN_SHARED_PREFIX = 16   # tokens: below this a shared prefix is not worth a separate prefill
+
+def _shared_prefix(pol, c:_Cohort, feed:list[list[int]]) -> int:
+    """Start cohort `c` from the policy's prefilled shared prefix: the tokens every row's prompt starts with (the system
+    prompt and tool schemas, ~80% of a first prompt). It is prefilled once per policy at batch 1, copied into each new
+    cohort's cache, and cropped when a later cohort shares less of it; each row then feeds only what follows. Returns
+    how many leading tokens of every row the cache now covers (0: none shared)."""
+    import copy, torch
+    if not pol.share_prefix: return 0
+    first, n = feed[0], min(len(f) for f in feed) - 1      # every row feeds at least its last token (its logits start the turn)
+    n = next((j for j in range(n) if any(f[j] != first[j] for f in feed)), n)
+    ids, cache = pol._prefix or ([], None)
+    keep = next((j for j in range(min(n, len(ids))) if ids[j] != first[j]), min(n, len(ids)))
+    if keep < MIN_SHARED_PREFIX:                             # nothing (worth) shared with the stored prefix: prefill this one
+        if n < MIN_SHARED_PREFIX: return 0
+        from transformers import DynamicCache
+        ids, cache = first[:n], DynamicCache(config=pol.model.config)
+        with torch.inference_mode():
+            pol.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1, **cache_kw(pol.model, cache))
+        pol._prefix, keep = (ids, cache), n
+    elif keep < len(ids):                                    # a later cohort shares less: keep the common part
+        cache.crop(keep - len(ids)); pol._prefix = (ids[:keep], cache)
+    c.cache = copy.deepcopy(cache); c.cache.batch_repeat_interleave(len(feed))
+    c.mask = torch.ones(len(feed), keep, dtype=torch.long)
+    return keep
+
+def _sample_turn(pol, c:_Cohort, feed:list[list[int]],
+                 on_turn:Callable[[Episode, str], None]|None=None, # called with each row's text as soon as the row stops
+                ) -> dict[int, str]:
     "One assistant turn for every row of `c`, after feeding `feed`: {id(episode): text}."
     import torch
     B, stop = len(c.eps), pol.stop_id
+    gen, out = [[] for _ in range(B)], {}
+    def finish(i):                           # row i's turn is written: its state first, then the caller may act on it
+        e, g = c.eps[i], gen[i]
+        pol.generated_tokens += len(g)
+        if e.tokens is not None: e.tokens += g; e.token_mask += [1] * len(g)
+        c.seen[i], c.pending[i] = len(e.messages), g[-1:]
+        out[id(e)] = text = pol.tok.decode(g[:-1] if g[-1:] == [stop] else g, skip_special_tokens=False)
+        if on_turn is not None: on_turn(e, text)
     logits = _feed(pol, c, feed)
-    gen, active = [[] for _ in range(B)], torch.ones(B, dtype=torch.bool)
+    active = torch.ones(B, dtype=torch.bool)
     for t in range(pol.max_new_tokens):
         nxt = logits.argmax(-1) if pol.temperature <= 0 else torch.multinomial(torch.softmax(logits / pol.temperature, -1), 1)[:, 0]
         toks, live = nxt.tolist(), active.tolist()
         for i in range(B):
-            if live[i]: gen[i].append(toks[i])
+            if live[i]:
+                gen[i].append(toks[i])
+                if toks[i] == stop: finish(i)
         active &= nxt != stop
         if t == pol.max_new_tokens - 1 or not active.any(): break
         logits = _feed(pol, c, [[x] if a else [] for x, a in zip(toks, active.tolist())])   # finished rows get a hole
-    out = {}
-    for i, (e, g) in enumerate(zip(c.eps, gen)):
-        pol.generated_tokens += len(g)
-        if e.tokens is not None: e.tokens += g; e.token_mask += [1] * len(g)
-        c.seen[i], c.pending[i] = len(e.messages), g[-1:]
-        out[id(e)] = pol.tok.decode(g[:-1] if g[-1:] == [stop] else g, skip_special_tokens=False)
+    for i in range(B):
+        if id(c.eps[i]) not in out: finish(i)     # cut at max_new_tokens
     return out
 
-def _act_cached(pol, episodes:list[Episode]) -> list[str]:
+def _act_cached(pol, episodes:list[Episode], on_turn=None) -> list[str]:
     "`HFPolicy.act` with `cross_turn_cache`: episodes already in a cohort feed what is new, the others start cohorts."
     import torch
     alive, texts, fresh, work = {id(e) for e in episodes}, {}, [], []
@@ -329,15 +382,19 @@ def _act_cached(pol, episodes:list[Episode]) -> list[str]:
             ids = pol.tok(pol.prompt(e.messages, e.ws.tools()), add_special_tokens=False)["input_ids"]; feed.append(ids)
             if e.turns == 0: e.tokens, e.token_mask = list(ids), [0] * len(ids)
             else: e.tokens = e.token_mask = None       # joined mid-episode: no single stream to train on
-        work.append((c, feed))
+        n = _shared_prefix(pol, c, feed)
+        work.append((c, [f[n:] for f in feed]))
     pol._cohorts = [c for c, _ in work]
     with torch.inference_mode():
-        for c, feed in work: texts.update(_sample_turn(pol, c, feed))
+        for c, feed in work: texts.update(_sample_turn(pol, c, feed, on_turn))
     return [texts[id(e)] for e in episodes]
 
 # %% ../nbs/lib/10_env.ipynb #9c1eb4b4
 def bench_rollout(quick:bool=False, n_episodes:int|None=None, max_new_tokens:int=64) -> list[dict]:
-    "Generated tokens/s for one turn over many episodes (batched + KV cache vs one at a time, and without the cache), and for whole episodes with and without the cross-turn cache."
+    """Generated tokens/s for one turn over many episodes, and for whole episodes with and without the cross-turn cache.
+    The one-turn rows run the engine evaluations and rollouts use (`HFPolicy(cross_turn_cache=True)`: the shared
+    prefix prefilled once, KV-cached sampling) batched against one episode at a time; `generate()` rows are
+    transformers' own loop on the same prompts (no shared prefix), with and without the KV cache."""
     import torch
     from kat_nb.world import make_world
     from kat_nb.model import train_tokenizer, build_model, row_text
@@ -347,11 +404,12 @@ def bench_rollout(quick:bool=False, n_episodes:int|None=None, max_new_tokens:int
     torch.manual_seed(0)
     model = build_model({"source": "config", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                          "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 512}, tok)
-    model.generation_config.min_new_tokens = max_new_tokens           # a random model: measure fixed-length turns
+    with torch.no_grad(): model.get_output_embeddings().weight[tok.convert_tokens_to_ids("<|im_end|>")] = 0   # a random model: its stop logit 0 never wins greedily (fixed-length turns)
     eps = [Episode.start(t) for t in world["test"]]
     rows = []
-    for name, bs, cache in [("batched+kv_cache", n, True), ("sequential+kv_cache", 1, True), ("batched, no cache", n, False)]:
-        pol = HFPolicy(model, tok, max_new_tokens=max_new_tokens, batch_size=bs, use_cache=cache)
+    for name, bs, cache, cross in [("batched+kv_cache", n, True, True), ("sequential+kv_cache", 1, True, True),
+                                   ("batched, generate()", n, True, False), ("batched, generate() no cache", n, False, False)]:
+        pol = HFPolicy(model, tok, max_new_tokens=max_new_tokens, batch_size=bs, use_cache=cache, cross_turn_cache=cross)
         t0 = time.perf_counter(); pol.act(eps); dt = time.perf_counter() - t0
         rows.append({"config": name, "episodes": n, "batch_size": bs, "tokens": pol.generated_tokens,
                      "seconds": round(dt, 3), "tokens_per_s": round(pol.generated_tokens / dt, 1)})

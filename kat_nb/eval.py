@@ -12,8 +12,8 @@ from .env import run_episodes, summarize, TeacherPolicy, HFPolicy
 
 # %% auto #0
 __all__ = ['HUMANEVAL_SYSTEM', 'CURRICULUM', 'PIPELINE', 'TRAIN_RATE', 'humaneval_problems', 'extract_code', 'humaneval_solution',
-           'humaneval_test', 'check_humaneval', 'evaluate_humaneval', 'edit_turn_target', 'edit_turn_accuracy',
-           'evaluate', 'stage_curve', 'time_table']
+           'humaneval_test', 'check_humaneval', 'evaluate_humaneval', 'edit_turn_target', 'greedy_spans',
+           'edit_turn_accuracy', 'evaluate', 'stage_curve', 'time_table']
 
 # %% ../nbs/lib/11_eval.ipynb #d2e96de1
 HUMANEVAL_SYSTEM = "You are a coding assistant. Complete the Python function. Answer with code only."
@@ -83,21 +83,36 @@ def edit_turn_target(tok, rec:dict) -> tuple[list[int], int, int]|None:
     if b == len(prompt): b = len(full)                                 # a template without <|im_end|>: all of the rendering
     return full[:b], len(prompt), b
 
-def edit_turn_accuracy(model_dir:str|Path, tasks:list, unseen:set=frozenset()) -> dict:
+def greedy_spans(model, rows:list[tuple[list[int], int, int]], pad_id:int, batch_size:int=16) -> list[list[int]]:
+    "For each (ids, a, b): the model's greedy next-token predictions for positions a..b-1 of `ids` (teacher-forced), in right-padded batches."
+    import torch
+    out = []
+    for k in range(0, len(rows), batch_size):          # a causal model's logits before a row's padding are the row's own
+        chunk = rows[k:k + batch_size]
+        n = max(len(ids) for ids, _, _ in chunk)
+        x = torch.tensor([ids + [pad_id] * (n - len(ids)) for ids, _, _ in chunk])
+        mask = torch.tensor([[1] * len(ids) + [0] * (n - len(ids)) for ids, _, _ in chunk])
+        with torch.inference_mode(): pred = model(input_ids=x, attention_mask=mask).logits.argmax(-1)
+        out += [pred[i, a - 1:b - 1].tolist() for i, (_, a, b) in enumerate(chunk)]
+    return out
+
+def edit_turn_accuracy(model_dir:str|Path, tasks:list, unseen:set=frozenset(),
+                       teacher:dict[str, dict]|None=None, # the tasks' teacher trajectories by task id (the data stage writes the test split's); missing ones are generated
+                       batch_size:int=16) -> dict:
     "`edit_turn/exact` (+ over seen and unseen kinds): share of `tasks` whose teacher edit turn the greedy prediction gets all right."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from kat_nb.teacher import teacher_trajectory
     tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(4) as ex: recs = list(ex.map(teacher_trajectory, tasks))   # each mostly waits on sandboxed test runs
+    teacher = teacher or {}
+    with ThreadPoolExecutor(4) as ex:                  # each mostly waits on sandboxed test runs
+        recs = list(ex.map(lambda t: teacher.get(t.id) or teacher_trajectory(t), tasks))
+    targets = [(t, tgt) for t, rec in zip(tasks, recs) if (tgt := edit_turn_target(tok, rec)) is not None]
+    preds = greedy_spans(model, [tgt for _, tgt in targets], tok.pad_token_id, batch_size)
     right = {"all": [], "seen_kinds": [], "unseen_kinds": []}
-    for t, rec in zip(tasks, recs):
-        tgt = edit_turn_target(tok, rec)
-        if tgt is None: continue
-        ids, a, b = tgt; x = torch.tensor(ids)
-        with torch.no_grad(): pred = model(x[None]).logits[0, a - 1:b - 1].argmax(-1)
-        ok = bool((pred == x[a:b]).all())
+    for (t, (ids, a, b)), pred in zip(targets, preds):
+        ok = pred == ids[a:b]
         right["all"].append(ok); right["unseen_kinds" if t.meta.get("bug_kind") in unseen else "seen_kinds"].append(ok)
     out = {"edit_turn/tasks": len(right["all"]), "edit_turn/exact": round(sum(right["all"]) / max(1, len(right["all"])), 4)}
     for k in ("seen_kinds", "unseen_kinds"):
@@ -144,7 +159,9 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
         seen = {d.get("meta", {}).get("bug_kind") for d in read_jsonl(train)} if train.exists() else set()
         unseen = {t.meta.get("bug_kind") for t in tasks} - seen if seen else set()
         m = summarize(records, unseen)
-        if suite == "world" and checkpoint != "teacher": m |= edit_turn_accuracy(path, tasks, unseen)
+        if suite == "world" and checkpoint != "teacher":
+            known = Path(data_dir)/"world"/"trajectories"/"test.jsonl"   # the data stage's teacher trajectories of the test split
+            m |= edit_turn_accuracy(path, tasks, unseen, {r["task_id"]: r for r in read_jsonl(known)} if known.exists() else None)
         if suite == "recovery":
             for v in ("edit_fails", "wrong_fix"):
                 rs = [r for r, t in zip(records, tasks) if recovery_variant(t) == v]

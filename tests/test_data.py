@@ -41,7 +41,7 @@ def test_build_data_deterministic(tmp_path):
     for d in ("a", "b"):
         cards.append(build_data(tmp_path/d, 0, TINY_WORLD, TINY_MT))
     for rel in ("midtrain/train.jsonl", "midtrain/valid.jsonl", "world/train.jsonl", "world/test.jsonl",
-                "world/trajectories/train.jsonl", "world/trajectories/valid.jsonl"):
+                "world/trajectories/train.jsonl", "world/trajectories/valid.jsonl", "world/trajectories/test.jsonl"):
         assert (tmp_path/"a"/rel).read_bytes() == (tmp_path/"b"/rel).read_bytes(), rel
     strip = lambda c: {k: v for k, v in c.items() if k not in ("seconds", "dedup_seconds")}
     assert strip(cards[0]) == strip(cards[1])

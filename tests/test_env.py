@@ -1,6 +1,6 @@
 """The environment and evaluation end to end: the teacher through the real environment on held-out tasks,
 rollout records in the teacher's schema, bad input reported with file and line."""
-import json
+import json, time
 import pytest
 from kat_nb.core import DataFileError, read_jsonl, write_jsonl
 from kat_nb.env import TeacherPolicy, run_episodes, summarize
@@ -75,3 +75,28 @@ def test_tool_threads_change_nothing_but_time(world):
     strip = lambda r: {k: v for k, v in r.items() if k != "wall_s"}
     assert [strip(r) for r in one] == [strip(r) for r in four]
     assert sum(r["resolved"] for r in four) == 12
+
+
+class _StreamingTeacher(TeacherPolicy):
+    "The teacher, handing each turn over the moment it is written (as `HFPolicy` with the cross-turn cache does)."
+    def __init__(self):
+        super().__init__(); self.started_inside = 0
+    def act(self, episodes, on_turn=None):
+        texts = super().act(episodes)
+        for e, text in zip(episodes, texts):
+            n = len(e.messages)
+            on_turn(e, text)
+            deadline = time.time() + 10
+            while len(e.messages) == n and time.time() < deadline: time.sleep(0.002)   # its step starts while act goes on
+            self.started_inside += len(e.messages) > n
+        return texts
+
+
+def test_tool_calls_overlap_generation_and_change_nothing(world):
+    "With a policy that streams its turns, each episode's tools start before `act` returns; the records are the plain run's."
+    tasks = world["test"][:6]
+    pol = _StreamingTeacher()
+    streamed, plain = run_episodes(tasks, pol), run_episodes(tasks, TeacherPolicy(), overlap=False)
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_s"}
+    assert [strip(r) for r in streamed] == [strip(r) for r in plain]
+    assert pol.started_inside == sum(r["turns"] for r in streamed) > 0
