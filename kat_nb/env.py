@@ -121,18 +121,20 @@ def run_episodes(tasks:list[Task], policy:Policy,
         if len(tasks) % b or any(tasks[i].id != tasks[j].id for i in range(0, len(tasks), b) for j in range(i, i + b)):
             raise ValueError(f"run_episodes: branch factor {b} needs runs of {b} consecutive listings of one task")
         if T < 1: raise ValueError(f"run_episodes: branch turn must be >= 1, got {T}")
-    eps, records = [], [None] * len(tasks)
+    records, todo = [None] * len(tasks), []
     uniq = list({t.id: t for t in tasks}.values())         # each task's reference solution must pass its hidden tests
     with ThreadPoolExecutor(max(1, tool_workers)) as ex:
         checked = dict(zip([t.id for t in uniq], ex.map(lambda t: run_hidden_tests(t, t.solutions[0]) if t.solutions else None, uniq)))
-    for i, t in enumerate(tasks):
-        ref = checked[t.id]
-        if ref is None or not ref.ok:
-            why = "no reference solution" if ref is None else f"hidden tests fail on the reference solution: {(ref.stdout + ref.stderr)[-300:]}"
-            ep = start(t, tool_timeout); ep.done, ep.finish = True, "env_error"; ep.ws.close()
-            records[i] = _record(ep, policy.name, False, why, 0.0) | ({"files": None} if keep_files else {})
-        elif b > 1 and i % b: continue                     # the fork of the run's first episode takes this listing's place
-        else: eps.append((i, start(t, tool_timeout)))
+        for i, t in enumerate(tasks):
+            ref = checked[t.id]
+            if ref is None or not ref.ok:
+                why = "no reference solution" if ref is None else f"hidden tests fail on the reference solution: {(ref.stdout + ref.stderr)[-300:]}"
+                ep = start(t, tool_timeout); ep.done, ep.finish = True, "env_error"; ep.ws.close()
+                records[i] = _record(ep, policy.name, False, why, 0.0) | ({"files": None} if keep_files else {})
+            elif b > 1 and i % b: continue                 # the fork of the run's first episode takes this listing's place
+            else: todo.append((i, t))
+        # a harness's start may run tools (the recovery suite replays a scripted first attempt): in threads too
+        eps = list(zip([i for i, _ in todo], ex.map(lambda it: start(it[1], tool_timeout), todo)))
     pool = ThreadPoolExecutor(tool_workers) if tool_workers > 1 else None
     each = (lambda f, xs: list(pool.map(f, xs))) if pool else (lambda f, xs: [f(x) for x in xs])   # tools wait on subprocesses: threads overlap them
     streams = overlap and pool is not None and "on_turn" in inspect.signature(policy.act).parameters

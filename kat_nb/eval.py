@@ -65,7 +65,9 @@ def evaluate_humaneval(policy, limit:int|None=None, timeout:float=10.0) -> tuple
         msgs = [[{"role": "system", "content": HUMANEVAL_SYSTEM},
                  {"role": "user", "content": f"```python\n{p['prompt']}```"}] for p in probs]
         completions = policy.generate([policy.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs])
-    results = [check_humaneval(p, c, timeout) | {"completion": c} for p, c in zip(probs, completions)]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as ex:                  # each judge run mostly waits on its sandboxed process
+        results = list(ex.map(lambda pc: check_humaneval(pc[0], pc[1], timeout) | {"completion": pc[1]}, zip(probs, completions)))
     passed = sum(r["passed"] for r in results)
     return {"problems": len(results), "passed": passed, "pass@1": round(passed / len(results), 4)}, results
 

@@ -252,17 +252,19 @@ def grid_rows(n:int, # rows to make (bug-fix cells are skipped: they come from t
               weights:Callable|None=None, # (language, context, archetype) -> weight; None = uniform
               executable:bool=True, # Python cells of EXEC_ARCHETYPES become executed trajectories (slower)
               bug_kinds:Iterable[str]|None=None, # bug kinds the rows may hold (the SFT pool passes the world's trained kinds)
+              workers:int=8, # threads making the rows: an executed row mostly waits on its sandboxed runs
              ) -> list[dict]:
     "Labelled chat rows over the grid; cells drawn from `weights`, each row deterministic in (seed, index)."
     cells = [(l, c, a) for l in LANGUAGES for c in DEV_CONTEXTS for a in ARCHETYPES
              if not (l == "Python" and a == "debugging and bug fixing")]
     w = [weights(*k) if weights else 1.0 for k in cells]
     pick = random.Random(f"grid:{seed}").choices(range(len(cells)), weights=w, k=n)
-    out = []
-    for i, k in enumerate(pick):
-        l, c, a = cells[k]; rng = random.Random(f"grid:{seed}:{i}")
+    def make(i:int) -> dict:                  # its own generator: the same row whichever thread makes it, in whatever order
+        l, c, a = cells[pick[i]]; rng = random.Random(f"grid:{seed}:{i}")
         row = exec_task(a, rng, bug_kinds) if (executable and l == "Python" and a in EXEC_ARCHETYPES) else None
         kind = "exec" if row else "text"
         if row is None: row = {"messages": text_task(l, c, a, rng), "tools": []}
-        out.append({"id": f"grid-{seed}-{i}", "language": l, "context": c, "archetype": a, "kind": kind, **row})
-    return out
+        return {"id": f"grid-{seed}-{i}", "language": l, "context": c, "archetype": a, "kind": kind, **row}
+    if workers <= 1: return [make(i) for i in range(n)]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers) as ex: return list(ex.map(make, range(n)))
