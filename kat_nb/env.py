@@ -4,7 +4,7 @@
 
 # %% ../nbs/lib/10_env.ipynb #2ab8aa6d
 from __future__ import annotations
-import inspect, json, time
+import functools, inspect, json, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, runtime_checkable
@@ -121,10 +121,13 @@ def run_episodes(tasks:list[Task], policy:Policy,
         if len(tasks) % b or any(tasks[i].id != tasks[j].id for i in range(0, len(tasks), b) for j in range(i, i + b)):
             raise ValueError(f"run_episodes: branch factor {b} needs runs of {b} consecutive listings of one task")
         if T < 1: raise ValueError(f"run_episodes: branch turn must be >= 1, got {T}")
-    records, todo = [None] * len(tasks), []
-    uniq = list({t.id: t for t in tasks}.values())         # each task's reference solution must pass its hidden tests
-    with ThreadPoolExecutor(max(1, tool_workers)) as ex:
-        checked = dict(zip([t.id for t in uniq], ex.map(lambda t: run_hidden_tests(t, t.solutions[0]) if t.solutions else None, uniq)))
+    records, todo, eps = [None] * len(tasks), [], []
+    pool = ThreadPoolExecutor(max(1, tool_workers))       # tools wait on subprocesses: threads overlap them
+    each = lambda f, xs: list(pool.map(f, xs))
+    streams = overlap and "on_turn" in inspect.signature(policy.act).parameters
+    try:
+        uniq = list({t.id: t for t in tasks}.values())     # each task's reference solution must pass its hidden tests
+        checked = dict(zip([t.id for t in uniq], each(lambda t: run_hidden_tests(t, t.solutions[0]) if t.solutions else None, uniq)))
         for i, t in enumerate(tasks):
             ref = checked[t.id]
             if ref is None or not ref.ok:
@@ -133,12 +136,8 @@ def run_episodes(tasks:list[Task], policy:Policy,
                 records[i] = _record(ep, policy.name, False, why, 0.0) | ({"files": None} if keep_files else {})
             elif b > 1 and i % b: continue                 # the fork of the run's first episode takes this listing's place
             else: todo.append((i, t))
-        # a harness's start may run tools (the recovery suite replays a scripted first attempt): in threads too
-        eps = list(zip([i for i, _ in todo], ex.map(lambda it: start(it[1], tool_timeout), todo)))
-    pool = ThreadPoolExecutor(tool_workers) if tool_workers > 1 else None
-    each = (lambda f, xs: list(pool.map(f, xs))) if pool else (lambda f, xs: [f(x) for x in xs])   # tools wait on subprocesses: threads overlap them
-    streams = overlap and pool is not None and "on_turn" in inspect.signature(policy.act).parameters
-    try:
+        # a harness's start may run tools (the recovery suite replays a scripted first attempt): on the pool too
+        eps = list(zip([i for i, _ in todo], each(lambda it: start(it[1], tool_timeout), todo)))
         rounds = 0
         while (live := [e for _, e in eps if not e.done]) or (b > 1 and rounds < T):
             if live:
@@ -164,7 +163,7 @@ def run_episodes(tasks:list[Task], policy:Policy,
             records[i] = _record(e, policy.name, bool(resolved), None, time.time() - t0) | ({"files": files} if keep_files else {})
         each(score, eps)
     finally:
-        if pool is not None: pool.shutdown()
+        pool.shutdown()
         for _, e in eps: e.ws.close()
     return records
 
@@ -293,11 +292,9 @@ def _glue(pol, e:Episode, seen:int, pending:list[int]) -> list[int]|None:
     end = [] if pending[-1:] == [pol.stop_id] else [pol.stop_id]           # a turn cut at max_new_tokens is closed
     return end + pol.tok(full[len(head) - 1:], add_special_tokens=False)["input_ids"]   # "\n<|im_start|>user ... assistant\n"
 
-def _kv_cache(model):
-    """A `DynamicCache` whose layers append into a buffer that doubles when full (amortised O(1) a token) instead of
-    concatenating: transformers' `DynamicLayer.update` copies the whole cache at every decoding step, which was 58% of
-    a recovery evaluation's time (100 episodes, 8 turns, ~2k-token contexts)."""
-    from transformers import DynamicCache
+@functools.cache
+def _growing_layer():
+    "`DynamicLayer` appending into a buffer that doubles when full (built on first use: transformers is imported lazily)."
     from transformers.cache_utils import DynamicLayer
     class Growing(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
@@ -314,7 +311,15 @@ def _kv_cache(model):
             kb[:, :, n:n + add] = key_states; vb[:, :, n:n + add] = value_states
             self.keys, self.values = kb[:, :, :n + add], vb[:, :, :n + add]
             return self.keys, self.values
-    c = DynamicCache(config=model.config)
+    return Growing
+
+def _kv_cache(model):
+    """A `DynamicCache` whose layers append into a buffer that doubles when full (amortised O(1) a token) instead of
+    concatenating: transformers' `DynamicLayer.update` copies the whole cache at every decoding step, which was 58% of
+    a recovery evaluation's time (100 episodes, 8 turns, ~2k-token contexts)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    Growing, c = _growing_layer(), DynamicCache(config=model.config)
     if c.layers and all(type(l) is DynamicLayer for l in c.layers): c.layers = [Growing() for _ in c.layers]
     elif getattr(c, "layer_class_to_replicate", None) is DynamicLayer: c.layer_class_to_replicate = Growing
     return c

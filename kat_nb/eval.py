@@ -102,7 +102,6 @@ def edit_turn_accuracy(model_dir:str|Path, tasks:list, unseen:set=frozenset(),
                        teacher:dict[str, dict]|None=None, # the tasks' teacher trajectories by task id (the data stage writes the test split's); missing ones are generated
                        batch_size:int=16) -> dict:
     "`edit_turn/exact` (+ over seen and unseen kinds): share of `tasks` whose teacher edit turn the greedy prediction gets all right."
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from kat_nb.teacher import teacher_trajectory
     tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
