@@ -14,11 +14,11 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'FILE_SIZE_MB', 'EXTRA_PROCS', 'OUTPUT_KILL_FACTOR', 'TMP_MB', 'SANDBOX_DIR', 'UID_BASE', 'PROC_GUARD_MARGIN',
            'DISK_MB', 'TOTAL_MEMORY_FACTOR', 'SYSTEM_DIRS', 'ETC_FILES', 'INSTALL_HINT', 'USERNS_HINT', 'CGROUP_PREFIX',
            'PR_SET_PDEATHSIG', 'ExecResult', 'limits', 'interpreter', 'sandbox_env', 'bwrap_path', 'setpriv_path',
-           'sandbox_uid', 'python_mounts', 'hidden_site_packages', 'bwrap_argv', 'SandboxUnavailable', 'bwrap_mode',
-           'bwrap_status', 'wanted_backend', 'unavailable_message', 'backend', 'fallback_status', 'describe_fallback',
-           'announce_fallback', 'isolation', 'scratch_base', 'new_workspace', 'OutsideWorkspace', 'contained',
-           'workspace_files', 'cgroup_status', 'RunCgroup', 'execute', 'sandbox_parser', 'sandbox_main',
-           'bench_sandbox']
+           'sandbox_uid', 'python_mounts', 'hidden_site_packages', 'expose_read_only', 'bwrap_argv',
+           'SandboxUnavailable', 'bwrap_mode', 'bwrap_status', 'wanted_backend', 'unavailable_message', 'backend',
+           'fallback_status', 'describe_fallback', 'announce_fallback', 'isolation', 'scratch_base', 'new_workspace',
+           'OutsideWorkspace', 'contained', 'workspace_files', 'cgroup_status', 'RunCgroup', 'execute',
+           'sandbox_parser', 'sandbox_main', 'bench_sandbox']
 
 # %% ../nbs/lib/02_sandbox.ipynb #9acfef7c
 @dataclass
@@ -125,6 +125,17 @@ def hidden_site_packages() -> list[Path]:
     v = f"python{sys.version_info.major}.{sys.version_info.minor}"
     return [sp for p in python_mounts() for sp in [p/"lib"/v/"site-packages"] if sp.is_dir()]
 
+_EXTRA_READ_ONLY: list[Path] = []     # toolchain folders outside SYSTEM_DIRS (`kat_nb.toolchains`: a rustup toolchain, a JDK's /etc conf)
+
+def expose_read_only(path:Path|str) -> None:
+    """Bind `path` read-only at the same place in every later bubblewrap sandbox: for a toolchain that lives outside
+    the system folders (rustup's under ~/.rustup, a JDK's configuration under /etc). Folders above it appear as empty
+    0755 folders, so nothing else of e.g. /root is visible."""
+    p = Path(os.path.realpath(path))
+    if not p.exists(): raise FileNotFoundError(f"expose_read_only: {path} does not exist")
+    if p not in _EXTRA_READ_ONLY and not _under(p, _system_roots()):
+        _EXTRA_READ_ONLY.append(p); _system_mounts.cache_clear()
+
 @functools.lru_cache(maxsize=None)
 def _system_mounts() -> tuple[str, ...]:
     "The part of the command line that depends only on this machine and interpreter (computed once)."
@@ -137,6 +148,10 @@ def _system_mounts() -> tuple[str, ...]:
         for anc in reversed(p.parents[:-1]): a += ["--perms", "0755", "--dir", str(anc)]   # e.g. /root: not 0700 inside
         a += ["--ro-bind", str(p), str(p)]
     for sp in hidden_site_packages(): a += ["--tmpfs", str(sp), "--remount-ro", str(sp)]
+    for p in _EXTRA_READ_ONLY:
+        for anc in reversed(p.parents[:-1]):
+            if str(anc) != "/etc": a += ["--perms", "0755", "--dir", str(anc)]
+        a += ["--ro-bind", str(p), str(p)]
     return tuple(a)
 
 def bwrap_argv(workspace:Path|str,        # host folder bound read-write at `SANDBOX_DIR`

@@ -232,7 +232,11 @@ def run_hidden_tests(task:Task,                # the task whose hidden tests sco
                      files:dict[str, str],     # the repository to score (e.g. the agent's final files)
                      timeout:float=10.0,
                     ) -> ExecResult:
-    "Score `files` with the task's hidden tests through the judge (`kat_nb.judge`): `.ok` only for a real, complete pass."
+    """Score `files` with the task's hidden tests through the judge (`kat_nb.judge`): `.ok` only for a real, complete pass.
+    A task in another language (`kat_nb.polyglot`) holds a harness and its expected values: `kat_nb.toolchains.judge_harness`."""
+    if "expected" in task.meta:
+        from kat_nb.toolchains import judge_harness
+        return judge_harness(files, task.language, task.tests, task.meta["expected"], timeout=max(timeout, 20.0))
     return judge(files, task.tests, timeout=timeout, test_timeout=2.0)
 
 def check_task(task:Task) -> bool:

@@ -82,7 +82,7 @@ def _script(task:Task, route:str, rng:random.Random, edit:dict) -> list[tuple[st
         return [(f"Plan: reproduce the failure, read {mod}, fix {f}, rerun the tests.", "run_tests", {}),
                 (f"Reflection: read {mod}.", "view_file", {"path": mod}), (reason, "edit", edit), rerun, submit]
     if route == "search_first":
-        return [(f"Plan: find {f}, read it, fix the bug, check.", "search", {"pattern": f"def {f}"}),
+        return [(f"Plan: find {f}, read it, fix the bug, check.", "search", {"pattern": m.get("search_pattern", f"def {f}")}),
                 (f"Reflection: {f} is in {mod}; read it.", "view_file", {"path": mod}), (reason, "edit", edit), rerun, submit]
     if route == "no_verify":
         return [(plan, "view_file", {"path": mod}), ("Reflection: now reproduce the failure.", "run_tests", {}), (reason, "edit", edit),

@@ -12,6 +12,7 @@ from fastcore.basics import patch
 from .sandbox import execute, ExecResult, new_workspace, contained, workspace_files, OutsideWorkspace
 from .judge import judge, EXPLAIN
 from .tasks import Task, run_test_files
+from .toolchains import ToolchainMissing, language_of, run_language_tests
 
 # %% auto #0
 __all__ = ['TOOLS', 'TOOL_NAMES', 'ToolError', 'Workspace']
@@ -133,9 +134,19 @@ def _create_file(ws, path, content):
     return f"{'Overwrote' if existed else 'Created'} {path}.", None
 
 def _run_tests(ws):
-    tests = [str(p.relative_to(ws.root)) for p in sorted(ws.root.rglob("test_*.py")) if "__pycache__" not in p.parts]
-    if not tests: raise ToolError("run_tests: no test files (test_*.py) in the repository")
-    return _exec_observation(ws, run_test_files(ws.root, tests, ws.timeout))
+    "Python test files with the tiny runner; test files of the other languages (`kat_nb.toolchains`) built and run by their toolchain."
+    tests = [str(p.relative_to(ws.root)) for p in sorted(ws.root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+    py = [t for t in tests if Path(t).match("test_*.py")]
+    other = [t for t in tests if not Path(t).match("test_*.py") and (l := language_of(t)) is not None]
+    if not py and not other: raise ToolError("run_tests: no test files (test_*.py, or test_* / *Test.java in another language) in the repository")
+    if not other: return _exec_observation(ws, run_test_files(ws.root, py, ws.timeout))
+    try: r = run_language_tests(ws.root, other, ws.timeout)
+    except ToolchainMissing as e: raise ToolError(f"run_tests: {e}") from None
+    if py:                                                   # both kinds: one observation, failing when either fails
+        p = run_test_files(ws.root, py, ws.timeout)
+        r = ExecResult(r.exit_code or p.exit_code, p.stdout + r.stdout, p.stderr + r.stderr, r.timed_out or p.timed_out,
+                       r.killed_reason or p.killed_reason, r.wall_s + p.wall_s, r.backend)
+    return _exec_observation(ws, r)
 
 def _run(ws, command):
     return _exec_observation(ws, execute(["sh", "-c", "exec 2>&1\n" + command], workspace=ws.root, timeout=ws.timeout))
