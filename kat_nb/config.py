@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core import repo_root, from_root
 
 # %% auto #0
-__all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParams', 'HFSource', 'DataParams', 'TokenizerParams',
-           'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'R2dParams', 'RlParams',
-           'EvalParams', 'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path', 'load_params',
-           'stage_parameters', 'stage_dirs']
+__all__ = ['STAGES', 'MATRIX', 'DIRS', 'Base', 'WorldParams', 'MidtrainDataParams', 'PolyglotParams', 'HFSource', 'DataParams',
+           'TokenizerParams', 'ModelParams', 'MidtrainParams', 'SftHFSource', 'SftParams', 'RftParams', 'R2dParams',
+           'RlParams', 'EvalParams', 'PolicyParams', 'Params', 'ParamsError', 'validate_params', 'profile_path',
+           'load_params', 'stage_parameters', 'stage_dirs']
 
 # %% ../nbs/lib/01_config.ipynb #1d8232f5
 class _Section(BaseModel):
@@ -49,6 +49,13 @@ class MidtrainDataParams(_Section):
     dedup_num_perm: int = Field(64, ge=16)
     shingle_words: int = Field(5, ge=1)
 
+class PolyglotParams(_Section):
+    "`data.polyglot:` executable bug-fix tasks in other languages (`kat_nb.polyglot`)."
+    languages: list[Literal["python", "c", "cpp", "javascript", "java", "rust", "perl", "shell"]] = \
+        ["python", "c", "cpp", "javascript", "java", "rust", "perl", "shell"]   # those without a toolchain here stay text-only
+    n_train: int = Field(40, ge=0)     # tasks per language with teacher trajectories (the SFT pool's executed rows in it)
+    n_test: int = Field(12, ge=1)      # held-out tasks per language: the polyglot evaluation suite
+
 class HFSource(_Section):
     "A Hugging Face dataset as a mid-training source (GPU profiles)."
     path: str                            # a Hugging Face dataset id or a local json/jsonl/parquet file
@@ -62,6 +69,7 @@ class DataParams(_Section):
     "`data:` the task world and the mid-training mixture."
     world: WorldParams = WorldParams()
     midtrain: MidtrainDataParams = MidtrainDataParams()
+    polyglot: PolyglotParams = PolyglotParams()
     hf: Optional[HFSource] = None        # GPU profiles: real mid-training text read with `datasets`
 
 class TokenizerParams(_Section):
@@ -316,7 +324,7 @@ class RlParams(_Section):
 class EvalParams(_Section):
     "`eval:` the checkpoints × suites matrix."
     checkpoints: list[str] = ["base", "midtrain"]   # model folders under models/ scored by the eval matrix
-    suites: list[Literal["world", "humaneval", "recovery", "ide"]] = ["world", "humaneval"]
+    suites: list[Literal["world", "humaneval", "recovery", "ide", "polyglot"]] = ["world", "humaneval"]
     world_tasks: int = Field(100, ge=1)             # held-out test tasks scored (at most data.world.n_test)
     max_turns: int = Field(8, ge=1)                 # assistant turns per episode
     max_format_errors: Optional[int] = Field(2, ge=1)  # consecutive turns without a well-formed tool call end an episode (None: never)

@@ -13,7 +13,7 @@ from .env import run_episodes, summarize, TeacherPolicy, HFPolicy
 # %% auto #0
 __all__ = ['HUMANEVAL_SYSTEM', 'CURRICULUM', 'PIPELINE', 'TRAIN_RATE', 'humaneval_problems', 'extract_code', 'humaneval_solution',
            'humaneval_test', 'check_humaneval', 'evaluate_humaneval', 'edit_turn_target', 'greedy_spans',
-           'edit_turn_accuracy', 'evaluate', 'stage_curve', 'time_table']
+           'edit_turn_accuracy', 'evaluate', 'breakdown', 'stage_curve', 'polyglot_heatmap', 'time_table']
 
 # %% ../nbs/lib/11_eval.ipynb #d2e96de1
 HUMANEVAL_SYSTEM = "You are a coding assistant. Complete the Python function. Answer with code only."
@@ -122,7 +122,7 @@ def edit_turn_accuracy(model_dir:str|Path, tasks:list, unseen:set=frozenset(),
 
 # %% ../nbs/lib/11_eval.ipynb #adb98f3f
 def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
-             suite:str,               # "world" | "humaneval" | "recovery" | "ide" (kat_nb.ide)
+             suite:str,               # "world" | "humaneval" | "recovery" | "ide" (kat_nb.ide) | "polyglot" (kat_nb.polyglot)
              models_dir:Path, data_dir:Path,
              world_tasks:int=100, max_turns:int=8, max_new_tokens:int=160, batch_size:int=32,
              humaneval_problems_n:int|None=None, humaneval_max_new_tokens:int=256, tool_timeout:float=10.0,
@@ -148,15 +148,16 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
                              cross_turn_cache=cross_turn_cache, **engine)
         # agent suites (world, recovery, ide) share the turn budget: recovery and ide once had humaneval's 256, which
         # doubled the time of every degenerate turn (sft's recovery rate was the same with either: 5% seed 0, 2% seed 1)
-    if suite in ("world", "recovery", "ide"):
+    if suite in ("world", "recovery", "ide", "polyglot"):
         from functools import partial
         from kat_nb.ide import OraclePolicy, ide_start, recovery_start, recovery_variant
-        tasks = [Task.from_dict(d) for d in read_jsonl(Path(data_dir)/"world"/"test.jsonl")][:world_tasks]
-        if checkpoint == "teacher" and suite != "world": policy = OraclePolicy()   # the scripted teacher never retries: the oracle is the bound
-        start = {"world": None, "recovery": recovery_start, "ide": partial(ide_start, budget_chars=ide_budget_chars)}[suite]
+        world = "polyglot" if suite == "polyglot" else "world"     # polyglot: every held-out task of every language that executes
+        tasks = [Task.from_dict(d) for d in read_jsonl(Path(data_dir)/world/"test.jsonl")][:None if suite == "polyglot" else world_tasks]
+        if checkpoint == "teacher" and suite in ("recovery", "ide"): policy = OraclePolicy()   # the scripted teacher never retries: the oracle is the bound
+        start = {"world": None, "polyglot": None, "recovery": recovery_start, "ide": partial(ide_start, budget_chars=ide_budget_chars)}[suite]
         records = run_episodes(tasks, policy, max_turns=ide_max_turns if suite == "ide" else max_turns, tool_timeout=tool_timeout,
                                max_format_errors=max_format_errors, start=start)
-        train = Path(data_dir)/"world"/"train.jsonl"          # kinds no training task has: the unseen-family figure
+        train = Path(data_dir)/world/"train.jsonl"            # kinds no training task has: the unseen-family figure
         seen = {d.get("meta", {}).get("bug_kind") for d in read_jsonl(train)} if train.exists() else set()
         unseen = {t.meta.get("bug_kind") for t in tasks} - seen if seen else set()
         m = summarize(records, unseen)
@@ -167,13 +168,28 @@ def evaluate(checkpoint:str,          # "teacher", or a name under `models/`
             for v in ("edit_fails", "wrong_fix"):
                 rs = [r for r, t in zip(records, tasks) if recovery_variant(t) == v]
                 m[f"variant/{v}/tasks"], m[f"variant/{v}/resolve_rate"] = len(rs), round(sum(r["resolved"] for r in rs) / max(1, len(rs)), 4)
+        if suite == "polyglot": m |= breakdown(records, tasks)
         if suite == "ide":
             m["compactions_per_episode"] = round(sum(sum(x.get("type") == "compaction" for x in r.get("trace", [])) for r in records) / max(1, len(records)), 3)
         return m | {"sandbox": iso}, records
     if suite == "humaneval":
         m, records = evaluate_humaneval("teacher" if checkpoint == "teacher" else policy, humaneval_problems_n, tool_timeout)
         return m | {"sandbox": iso}, records
-    raise ValueError(f"unknown suite {suite!r} (world, humaneval, recovery, ide)")
+    raise ValueError(f"unknown suite {suite!r} (world, humaneval, recovery, ide, polyglot)")
+
+def breakdown(records:list[dict], tasks:list) -> dict:
+    "Tasks and resolve rate per language (the grid's names) and per archetype, for the polyglot heatmap."
+    from kat_nb.toolchains import LANGUAGES
+    out = {}
+    for key, of in (("language", lambda t: LANGUAGES[t.language].name if t.language in LANGUAGES else t.language),
+                    ("archetype", lambda t: t.archetype)):
+        groups = {}
+        for r, t in zip(records, tasks): groups.setdefault(of(t), []).append(r)
+        for v, rs in groups.items():
+            scored = [r for r in rs if not r.get("env_error")]
+            out[f"{key}/{v}/tasks"] = len(rs)
+            out[f"{key}/{v}/resolve_rate"] = round(sum(r["resolved"] for r in scored) / len(scored), 4) if scored else None
+    return out
 
 # %% ../nbs/lib/11_eval.ipynb #7d61319f
 CURRICULUM = ("base", "midtrain", "sft", "rft", "r2d", "rl")
@@ -195,6 +211,37 @@ def stage_curve(metrics_dir:Path, out_png:Path, suite:str="world", key:str="reso
     ax.legend(loc="lower right", fontsize=8); fig.tight_layout()
     out_png = Path(out_png); out_png.parent.mkdir(parents=True, exist_ok=True); fig.savefig(out_png, dpi=120); plt.close(fig)
     return {**pts, **({"teacher": t} if t is not None else {})}
+
+# %% ../nbs/lib/11_eval.ipynb #a603e8cd
+def polyglot_heatmap(metrics_dir:Path, out_png:Path, key:str="language") -> dict:
+    """Resolve rate per language (rows) × checkpoint (columns, the teacher last) on the `polyglot` suite, each cell
+    annotated with its percentage and task count (so a reader can compute the standard error); returns the table."""
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    metrics_dir, cols, table, counts = Path(metrics_dir), [], {}, {}
+    for ck in (*CURRICULUM, "teacher"):
+        f = metrics_dir/ck/"polyglot.json"
+        if not f.exists(): continue
+        m = json.loads(f.read_text()); cols.append(ck)
+        for k, v in m.items():
+            if k.startswith(f"{key}/") and k.endswith("/resolve_rate"):
+                name = k[len(key) + 1:-len("/resolve_rate")]
+                table.setdefault(name, {})[ck] = v; counts[name] = m.get(f"{key}/{name}/tasks")
+    rows = list(table)
+    fig, ax = plt.subplots(figsize=(1.1 * max(3, len(cols)) + 2, 0.42 * max(3, len(rows)) + 1.2))
+    if rows:
+        grid = np.array([[np.nan if table[r].get(c) is None else 100 * table[r][c] for c in cols] for r in rows])
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for y, r in enumerate(rows):
+            for x, c in enumerate(cols):
+                if not np.isnan(grid[y, x]): ax.text(x, y, f"{grid[y, x]:.0f}", ha="center", va="center", fontsize=8,
+                                                     color="white" if grid[y, x] < 50 else "black")
+        ax.set_xticks(range(len(cols)), cols); ax.set_yticks(range(len(rows)), [f"{r} (n={counts[r]})" for r in rows])
+        fig.colorbar(im, ax=ax, label="resolve rate (%)")
+    ax.set_title(f"polyglot: resolve rate by {key}", fontsize=10); fig.tight_layout()
+    out_png = Path(out_png); out_png.parent.mkdir(parents=True, exist_ok=True); fig.savefig(out_png, dpi=120); plt.close(fig)
+    return table
 
 # %% ../nbs/lib/11_eval.ipynb #56c70ef7
 PIPELINE = ("data", "tokenizer", "midtrain", "sft", "rft", "r2d", "rl")     # the stages before evaluation, in order

@@ -1,5 +1,5 @@
 "The executable tasks in other languages (kat_nb.polyglot, kat_nb.toolchains): renderers, runners, judge, teacher."
-import logging, random
+import logging, os, random
 
 import pytest
 
@@ -15,8 +15,9 @@ HERE = [l for l in LANGS if tc.toolchain(l) is not None]
 
 
 def test_this_machine_runs_at_least_eight_languages():
-    "The issue's bar: eight languages execute (CI installs the toolchains; a laptop without one gets text-only tasks)."
-    assert len(HERE) >= 8, f"only {HERE} execute here; see README (Debian packages)"
+    "Eight languages execute (CI installs the toolchains, so there this fails instead of skipping; a laptop without one gets text-only tasks)."
+    if len(HERE) < 8 and not os.environ.get("CI"): pytest.skip(f"only {HERE} execute here; see README (Debian packages)")
+    assert len(HERE) >= 8, f"only {HERE} execute here; .ci/run installs the Debian packages the README lists"
 
 
 # --- the interpreter ---------------------------------------------------------------------------------
