@@ -133,3 +133,35 @@ def test_a_missing_toolchain_warns_and_the_tool_says_what_to_install(tasks, monk
     finally:
         monkeypatch.undo(); tc.toolchain.cache_clear()
     assert tc.toolchain("rust") is not None
+
+
+# --- feature implementation and test writing ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_tasks():
+    from kat_nb.polyglot import archetype_tasks
+    return (archetype_tasks(0, "test", HERE, 1, "feature implementation")
+            + archetype_tasks(0, "test", HERE, 1, "test case generation"))
+
+
+def test_feature_and_test_writing_tasks_hold_and_the_teacher_solves_them(other_tasks):
+    assert {t.family for t in other_tasks} == {"feature", "testgen"} and {t.language for t in other_tasks} == set(HERE)
+    for t in other_tasks:
+        assert check_task(t), (t.language, t.family)                 # the stub / the missing tests fail; the solution passes
+    recs = [teacher_trajectory(t) for t in other_tasks]
+    assert all(r["resolved"] for r in recs), [(t.language, t.family) for t, r in zip(other_tasks, recs) if not r["resolved"]]
+    assert recs[0]["messages"][0]["content"] == other_tasks[0].meta["system"]
+
+
+def test_written_tests_must_catch_the_mutant(other_tasks):
+    "A test file that checks nothing (passes on the module and the mutant alike) or that is missing does not resolve it."
+    trivial = {"python": "", "c": "int main(void) { return 0; }\n", "cpp": "int main() { return 0; }\n", "javascript": "\n",
+               "rust": "fn main() {}\n", "perl": "1;\n", "shell": "true\n"}
+    for t in [t for t in other_tasks if t.family == "testgen"]:
+        mod, tfile = t.meta["module"], t.meta["test_file"]
+        good = t.solutions[0][tfile]
+        assert run_hidden_tests(t, {mod: t.files[mod], tfile: good}).ok, t.language
+        assert run_hidden_tests(t, {mod: t.meta["mutant"], tfile: good}).ok, t.language   # the judge puts the original module back
+        nothing = trivial.get(t.language, f"public class {tfile[:-5]} {{ public static void main(String[] a) {{}} }}\n")
+        assert not run_hidden_tests(t, {mod: t.files[mod], tfile: nothing}).ok, (t.language, "checks nothing")
+        assert not run_hidden_tests(t, {mod: t.files[mod]}).ok, (t.language, "no test file")
