@@ -54,7 +54,9 @@ class PolyglotParams(_Section):
     languages: list[Literal["python", "c", "cpp", "javascript", "java", "rust", "perl", "shell"]] = \
         ["python", "c", "cpp", "javascript", "java", "rust", "perl", "shell"]   # those without a toolchain here stay text-only
     n_train: int = Field(40, ge=0)     # tasks per language with teacher trajectories (the SFT pool's executed rows in it)
-    n_test: int = Field(12, ge=1)      # held-out tasks per language: the polyglot evaluation suite
+    n_test: int = Field(12, ge=1)      # held-out bug-fixing tasks per language: the polyglot evaluation suite
+    n_train_other: int = Field(0, ge=0)  # feature-implementation and test-writing tasks per language (each), with teacher trajectories
+    n_test_other: int = Field(0, ge=0)   # held-out ones per language (each) in the polyglot suite
 
 class HFSource(_Section):
     "A Hugging Face dataset as a mid-training source (GPU profiles)."

@@ -45,7 +45,7 @@ class Episode:
 
     @classmethod
     def start(cls, task:Task, tool_timeout:float=10.0) -> "Episode":
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.issue}]
+        msgs = [{"role": "system", "content": task.meta.get("system", SYSTEM_PROMPT)}, {"role": "user", "content": task.issue}]
         return cls(task, msgs, Workspace.from_task(task, timeout=tool_timeout))
 
     def step(self, text:str, max_turns:int,

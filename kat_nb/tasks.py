@@ -14,7 +14,8 @@ from .judge import judge, EXPLAIN
 from .bugs import BUG_KINDS, _Site, _Src, apply_site, bug_sites
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'Task', 'run_test_files', 'run_hidden_tests', 'check_task', 'compatible_templates', 'make_world']
+__all__ = ['TEMPLATES', 'Task', 'run_test_files', 'run_hidden_tests', 'judge_written_tests', 'check_task', 'compatible_templates',
+           'make_world']
 
 # %% ../nbs/lib/03b_tasks.ipynb #43a47974
 def _pick(rng, *pools):
@@ -234,10 +235,33 @@ def run_hidden_tests(task:Task,                # the task whose hidden tests sco
                     ) -> ExecResult:
     """Score `files` with the task's hidden tests through the judge (`kat_nb.judge`): `.ok` only for a real, complete pass.
     A task in another language (`kat_nb.polyglot`) holds a harness and its expected values: `kat_nb.toolchains.judge_harness`."""
+    if "mutant" in task.meta: return judge_written_tests(task, files, timeout)
     if "expected" in task.meta:
         from kat_nb.toolchains import judge_harness
         return judge_harness(files, task.language, task.tests, task.meta["expected"], timeout=max(timeout, 20.0))
     return judge(files, task.tests, timeout=timeout, test_timeout=2.0)
+
+def judge_written_tests(task:Task, files:dict[str, str], timeout:float=10.0) -> ExecResult:
+    """A test-writing task (`kat_nb.polyglot`): the repository's test files in the task's language must pass on the
+    module as given and fail on a mutant of it (kept in `meta["mutant"]`, never in the repository). The module the
+    candidate may have edited is replaced by the original both times."""
+    from kat_nb.toolchains import language_of, run_language_tests
+    mod = task.meta["module"]
+    tests = {k: v for k, v in files.items() if (l := language_of(k)) is not None and l.key == task.language}
+    if not tests: return ExecResult(1, f"no {task.language} test file in the repository", "", False, None, 0.0)
+    def run(module_text:str) -> ExecResult:
+        ws = new_workspace("katnb-judge-")
+        try:
+            for rel, text in {**tests, mod: module_text}.items():
+                p = contained(ws, rel); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(text, encoding="utf-8")
+            if task.language == "python": return run_test_files(ws, sorted(tests), timeout)
+            return run_language_tests(ws, sorted(tests), timeout)
+        finally: shutil.rmtree(ws, ignore_errors=True)
+    good, bad = run(task.solutions[0][mod]), run(task.meta["mutant"])
+    caught = bad.exit_code not in (0, None) and not bad.timed_out
+    ok = good.ok and caught
+    return ExecResult(0 if ok else 1, f"tests pass on the module: {good.ok}; fail on the mutant: {caught}",
+                      (good.stdout + bad.stdout)[-2000:], good.timed_out or bad.timed_out, None, good.wall_s + bad.wall_s, good.backend)
 
 def check_task(task:Task) -> bool:
     "A well-formed task: the buggy repository fails its hidden tests and every solution passes them."

@@ -98,12 +98,14 @@ def teacher_trajectory(task:Task,   # the task to solve
     "A Plan -> Action -> Observation -> Reflection trajectory record (CONTRACTS.md schema), executed for real."
     rng = random.Random(f"teacher:{task.id}:{seed}")
     m = task.meta; mod = m["module"]
-    edit = teacher_edit(task) if solution == 0 else {"path": mod, **_minimal_edit(task.files[mod], task.solutions[solution][mod])}
-    script = _script(task, route, rng, edit)
+    if "teacher_script" in m: script = [tuple(s) for s in m["teacher_script"]]   # a polyglot feature / test-writing task: its own script
+    else:
+        edit = teacher_edit(task) if solution == 0 else {"path": mod, **_minimal_edit(task.files[mod], task.solutions[solution][mod])}
+        script = _script(task, route, rng, edit)
     if mistake:                                             # the rejected edit comes right before the right one
         why, args = teacher_mistake(task, rng)
         script.insert(next(i for i, s in enumerate(script) if s[1] == "edit"), (why, "edit", args))
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.issue}]
+    messages = [{"role": "system", "content": m.get("system", SYSTEM_PROMPT)}, {"role": "user", "content": task.issue}]
     steps = []
     with Workspace.from_task(task) as ws:
         for content, name, args in script:
