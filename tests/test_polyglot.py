@@ -165,3 +165,11 @@ def test_written_tests_must_catch_the_mutant(other_tasks):
         nothing = trivial.get(t.language, f"public class {tfile[:-5]} {{ public static void main(String[] a) {{}} }}\n")
         assert not run_hidden_tests(t, {mod: t.files[mod], tfile: nothing}).ok, (t.language, "checks nothing")
         assert not run_hidden_tests(t, {mod: t.files[mod]}).ok, (t.language, "no test file")
+
+
+def test_held_out_kinds_stay_out_of_the_train_split():
+    from kat_nb.polyglot import make_polyglot_world
+    w = make_polyglot_world(0, HERE[:2], n_train=6, n_test=6, n_train_other=3, n_test_other=1)
+    assert {t.meta.get("bug_kind") for t in w["train"]} - {None} == set(BUG_KINDS) - {"wrong_variable"}   # test-writing mutants too
+    assert "wrong_variable" in {t.meta.get("bug_kind") for t in w["test"]}
+    assert not {t.id for t in w["train"]} & {t.id for t in w["test"]}
