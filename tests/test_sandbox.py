@@ -365,7 +365,9 @@ def test_sandbox_sees_only_its_mounts(bwrap):
     nproc, uid = rest.split()
     points = {l.split()[4] for l in mounts.splitlines()}
     allowed = {"/", "/usr", "/proc", "/dev", "/tmp", "/workspace", "/etc/ld.so.cache", "/etc/alternatives"} | \
-              {str(p) for p in sandbox.python_mounts() + sandbox.hidden_site_packages()}
+              {str(p) for p in sandbox.python_mounts() + sandbox.hidden_site_packages()} | \
+              {str(p) for p in sandbox._EXTRA_READ_ONLY}     # toolchains outside /usr (kat_nb.toolchains: rustup's, a JDK's conf)
+    assert all(len(p.parts) > 2 for p in sandbox._EXTRA_READ_ONLY), sandbox._EXTRA_READ_ONLY   # never a whole /root or /etc
     extra = {p for p in points if p not in allowed and not p.startswith(("/dev/", "/proc/"))}
     assert not extra, extra
     assert not any(p in ("/work", "/home", "/dev/shm") or p.startswith(("/work/", "/home/", "/dev/shm/")) for p in points)
